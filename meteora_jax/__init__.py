@@ -1,0 +1,7 @@
+"""meteora-jax: MeteoRA (many LoRA adapters as a per-token mixture of experts) in JAX / Flax NNX."""
+
+from meteora_jax.config import LlamaConfig, RopeScaling
+from meteora_jax.llama import Llama, LlamaOutput
+
+__all__ = ["LlamaConfig", "RopeScaling", "Llama", "LlamaOutput"]
+__version__ = "0.1.0"

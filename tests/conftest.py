@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random Llama models built and saved by transformers inside the tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+LLAMA2_STYLE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+LLAMA3_STYLE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=24, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16},
+    tie_word_embeddings=True,
+)
+
+
+def make_hf_llama(kind: str = "llama2", seed: int = 0, **overrides):
+    """A random transformers LlamaForCausalLM (float32, eval mode) of one of the two tiny styles."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(LLAMA2_STYLE if kind == "llama2" else LLAMA3_STYLE)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # norms default to ones: make them random so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(params=["llama2", "llama3"])
+def hf_llama_dir(request, tmp_path):
+    """(folder, transformers model) saved as one safetensors file."""
+    model = make_hf_llama(request.param)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", model
+
+
+def left_padded_batch(rng: np.random.Generator, vocab: int, lengths=(7, 4, 1), total=9):
+    """`tokens [B, total]`, `mask [B, total]`: left-padded rows of the given lengths."""
+    b = len(lengths)
+    tokens = rng.integers(1, vocab, size=(b, total))
+    mask = np.zeros((b, total), np.int64)
+    for i, n in enumerate(lengths):
+        mask[i, total - n:] = 1
+    tokens = np.where(mask == 1, tokens, 0)
+    return tokens, mask
+
+
+def hf_logits(model, tokens, mask):
+    """transformers logits with the positions a left-padded generate uses."""
+    import torch
+
+    tok = torch.tensor(tokens)
+    m = torch.tensor(mask)
+    pos = (m.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=tok, attention_mask=m, position_ids=pos).logits.float().numpy()
+
+
+def assert_rel_close(ours, ref, mask, rtol):
+    """max |ours - ref| over real tokens <= rtol * max |ref|."""
+    sel = np.asarray(mask).astype(bool)
+    ours, ref = np.asarray(ours)[sel], np.asarray(ref)[sel]
+    err = np.abs(ours - ref).max()
+    scale = np.abs(ref).max()
+    assert err <= rtol * scale, f"max abs err {err:.3g} > {rtol} * {scale:.3g}"
