@@ -120,9 +120,14 @@ def _check_fits(path: Path, meta: dict[str, Any], model: Llama) -> None:
     ignore = {"dtype", "param_dtype"}
     diffs = _diff({k: v for k, v in meta["llama"].items() if k not in ignore},
                   {k: v for k, v in mine["llama"].items() if k not in ignore})
-    for section in sorted(set(meta) | set(mine)):
-        if section not in ("llama", "format", "version") and meta.get(section) != mine.get(section):
-            diffs.append(f"{section}: checkpoint and model differ")
+    if ("meteora" in meta) != ("meteora" in mine):
+        has = "has" if "meteora" in meta else "has no"
+        diffs.append(f"the checkpoint {has} MeteoRA experts and the model {'does not' if 'meteora' in meta else 'does'}")
+    elif "meteora" in meta:  # routing options may differ; the shapes may not
+        from meteora_jax.meteora import MeteoraConfig
+
+        diffs += _diff({k: meta["meteora"].get(k) for k in MeteoraConfig.STRUCTURAL},
+                       {k: mine["meteora"].get(k) for k in MeteoraConfig.STRUCTURAL})
     if diffs:
         raise CheckpointError(f"{path}: checkpoint does not fit this model: " + "; ".join(diffs))
 
