@@ -116,13 +116,13 @@ def _diff(a: dict, b: dict) -> list[str]:
 
 
 def _check_fits(path: Path, meta: dict[str, Any], model: Llama) -> None:
-    mine = model_metadata(model)
+    mine = json.loads(json.dumps(model_metadata(model)))  # tuples -> lists, as stored
     ignore = {"dtype", "param_dtype"}
     diffs = _diff({k: v for k, v in meta["llama"].items() if k not in ignore},
                   {k: v for k, v in mine["llama"].items() if k not in ignore})
     if ("meteora" in meta) != ("meteora" in mine):
-        has = "has" if "meteora" in meta else "has no"
-        diffs.append(f"the checkpoint {has} MeteoRA experts and the model {'does not' if 'meteora' in meta else 'does'}")
+        which = "checkpoint" if "meteora" in meta else "model"
+        diffs.append(f"only the {which} has MeteoRA experts")
     elif "meteora" in meta:  # routing options may differ; the shapes may not
         from meteora_jax.meteora import MeteoraConfig
 
