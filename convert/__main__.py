@@ -35,6 +35,27 @@ def _cmd_hf(args) -> None:
             print(f"  {tok.decode([int(i)])!r:>16}  p={probs[i]:.3f}")
 
 
+def _cmd_adapters(args) -> None:
+    from meteora_jax import checkpoint
+    from meteora_jax.api import from_pretrained
+
+    out = checkpoint.check_writable(args.out, args.overwrite)  # refuse before any expensive work
+    routing = {k: v for k, v in (("top_k", args.top_k), ("temperature", args.temperature),
+                                 ("routing", args.routing)) if v is not None}
+    print(f"loading {args.base} and {len(args.adapters)} adapter(s)")
+    try:
+        model = from_pretrained(args.base, args.adapters, names=args.names, dtype=args.dtype, seed=args.seed,
+                                drop_modules_to_save=args.drop_modules_to_save, **routing)
+    except (checkpoint.CheckpointError, ValueError) as e:
+        raise ConversionError(str(e)) from None
+    if not hasattr(model, "meteora_config"):
+        raise ConversionError(f"{args.base}: expected a plain Llama base")
+    mcfg = model.meteora_config
+    path = checkpoint.save(out, model, overwrite=args.overwrite)
+    print(f"wrote {path}: experts {list(mcfg.expert_names)}, rank {mcfg.rank}, modules {list(mcfg.target_modules)}, "
+          f"top_k {mcfg.top_k}, temperature {mcfg.temperature}, routing {mcfg.routing}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -51,6 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after writing, reload the checkpoint and print its top-5 next tokens for this prompt "
                          "('' to skip)")
     hf.set_defaults(func=_cmd_hf)
+
+    ad = sub.add_parser("adapters", help="base Llama + PEFT LoRA adapter folders -> MeteoRA orbax checkpoint",
+                        description="Stack N PEFT LoRA adapter folders as the experts of a MeteoRA model over a base "
+                                    "Llama and write it as a meteora-jax orbax checkpoint (gates are random until "
+                                    "trained; seeded by --seed).")
+    ad.add_argument("--base", required=True,
+                    help="base model: Hugging Face folder, .gguf file, or meteora-jax checkpoint of a plain Llama")
+    ad.add_argument("--adapters", required=True, nargs="+", metavar="DIR", help="PEFT adapter folders, in expert order")
+    ad.add_argument("--out", required=True, help="checkpoint folder to write")
+    ad.add_argument("--names", nargs="+", help="expert names (default: the adapter folder names)")
+    ad.add_argument("--top-k", type=int, help="experts per token (default: min(2, number of adapters))")
+    ad.add_argument("--temperature", type=float, help="gate softmax temperature (default 1.0)")
+    ad.add_argument("--routing", choices=["topk_softmax", "softmax_topk"], help="routing (default topk_softmax)")
+    ad.add_argument("--dtype", choices=["float32", "bfloat16"],
+                    help="parameter/compute dtype (default: float32, or the base checkpoint's)")
+    ad.add_argument("--seed", type=int, default=0, help="seed of the gates' random initialisation")
+    ad.add_argument("--drop-modules-to-save", action="store_true",
+                    help="drop adapters' modules_to_save weights with a warning instead of refusing them")
+    ad.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ad.set_defaults(func=_cmd_adapters)
     return p
 
 
