@@ -1,0 +1,238 @@
+"""Gate training: what trains, that it learns, exact resume after a kill, checkpoint integrity, bad data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from meteora_jax import checkpoint
+from meteora_jax.config import LlamaConfig
+from meteora_jax.data import DataError, composite, load_tasks, tokenize
+from meteora_jax.meteora import MeteoraConfig, MeteoraLlama
+from meteora_jax.train import TrainConfig, train
+from meteora_jax.train_state import TrainCheckpoints
+
+# four tasks with disjoint vocabularies: every token tells its task (a separable set-up)
+VOCAB = {
+    "alpha": "ant bee cat dog eel fox gnu hen",
+    "digits": "one two three four five six seven eight",
+    "colour": "red blue green pink grey gold teal cyan",
+    "metal": "iron zinc lead tin nickel cobalt copper silver",
+}
+
+
+def _write_tasks(root: Path, seed=0, n_train=48, n_test=16):
+    rng = np.random.default_rng(seed)
+    for task, words in VOCAB.items():
+        w = words.split()
+        (root / task).mkdir(parents=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            rows = []
+            for _ in range(n):
+                p = " ".join(rng.choice(w, size=3))
+                rows.append(json.dumps({"prompt": p, "response": " ".join(rng.choice(w, size=2))}))
+            (root / task / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def _word_tokenizer(path: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>"] + sorted({w for ws in VOCAB.values() for w in ws.split()})
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return fast
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    _write_tasks(root / "data")
+    tok = _word_tokenizer(root / "tok")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    # Separable by construction: each task's words sit around their own centre in embedding space, so
+    # every layer's normalised hidden state tells the task. o_proj / down_proj are left out: their inputs
+    # are tiny in a random model (weights ~ N(0, 0.02)), so their gates learn far more slowly.
+    mcfg = MeteoraConfig(expert_names=tuple(VOCAB), rank=4, top_k=2,
+                         target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    model = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
+    emb = np.array(model.embed_tokens.embedding.get_value())
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(len(VOCAB), emb.shape[1]))
+    for t, words in enumerate(VOCAB.values()):
+        for w in words.split():
+            emb[tok.convert_tokens_to_ids(w)] = centres[t] + 0.3 * rng.normal(size=emb.shape[1])
+    model.embed_tokens.embedding.set_value(jax.numpy.asarray(emb))
+    checkpoint.save(root / "ckpt", model)
+    return root
+
+
+def _cfg(setup, run_dir, **kw):
+    base = dict(checkpoint=str(setup / "ckpt"), tokenizer=str(setup / "tok"), data=str(setup / "data"),
+                prompt_format="{prompt}", run_dir=str(run_dir), steps=6, batch_size=8, buckets="8",
+                max_len=8, eval_every=0, save_every=100, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(model):
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+@pytest.mark.parametrize("what", ["gates", "gates,experts"])
+def test_only_asked_params_change(setup, tmp_path, what):
+    before = _params(checkpoint.load(setup / "ckpt"))
+    out = train(_cfg(setup, tmp_path / "run", train=what, steps=4, lr=1e-2))
+    after = _params(checkpoint.load(out["final_checkpoint"]))
+    assert before.keys() == after.keys()
+    for k in before:
+        leaf = k.rsplit(".", 1)[-1]
+        changed = not np.array_equal(before[k], after[k])
+        if leaf == "gate" or (leaf in ("lora_a", "lora_b") and "experts" in what):
+            assert changed, f"{k} did not train"
+        else:
+            assert not changed, f"{k} changed but must stay frozen"
+            assert before[k].dtype == after[k].dtype
+
+
+def test_separable_tasks_learn(setup, tmp_path):
+    out = train(_cfg(setup, tmp_path / "run", steps=40, lr=0.1, warmup_steps=5, eval_every=40, eval_batches=0))
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in log if "loss" in x]
+    first, last = np.mean([x["loss"] for x in steps[:5]]), np.mean([x["loss"] for x in steps[-5:]])
+    assert last < first - 0.3, (first, last)
+    ev = out["last"]["eval"]
+    assert ev["gate_acc"] >= 0.95, ev
+    assert all(v >= 0.9 for v in ev["gate_acc_per_task"].values()), ev
+
+
+def _run_cli(setup, run_dir, *extra):
+    args = [sys.executable, "-m", "meteora_jax.train", "--checkpoint", str(setup / "ckpt"), "--tokenizer",
+            str(setup / "tok"), "--data", str(setup / "data"), "--prompt-format", "{prompt}", "--run-dir",
+            str(run_dir), "--steps", "60", "--batch-size", "4", "--buckets", "8", "--max-len", "8",
+            "--save-every", "5", "--keep", "3", "--eval-every", "0", "--no-progress", "--lr", "1e-2", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _losses(run_dir):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["gate_loss"], r["lm_loss"]) for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_losses(setup, tmp_path):
+    full = _run_cli(setup, tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    victim = _run_cli(setup, tmp_path / "killed")
+    marker = tmp_path / "killed" / "checkpoints" / "step_00000010" / "manifest.json"
+    deadline = time.time() + 300
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = max(_losses(tmp_path / "killed"))
+    assert done < 60
+    resumed = _run_cli(setup, tmp_path / "killed", "--resume")
+    out = resumed.stdout.read()
+    assert resumed.wait(timeout=600) == 0, out
+    assert "resumed from step" in out
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert sorted(a) == sorted(b) == list(range(1, 61))
+    for s in a:
+        np.testing.assert_allclose(b[s], a[s], rtol=1e-6, err_msg=f"step {s}")
+
+
+def test_corrupt_or_partial_checkpoint_falls_back(setup, tmp_path, capsys):
+    cfg = _cfg(setup, tmp_path / "run", steps=9, save_every=3, keep=3)
+    train(cfg)
+    ckpts = TrainCheckpoints(tmp_path / "run" / "checkpoints", keep=3)
+    assert ckpts.steps() == [3, 6, 9]
+    # corrupt the newest: flip a byte of its largest file
+    newest = ckpts.path(9)
+    victim = max((p for p in newest.rglob("*") if p.is_file() and p.name != "manifest.json"),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    # make the one before partial: its manifest is missing
+    (ckpts.path(6) / "manifest.json").unlink()
+    model = checkpoint.load(setup / "ckpt")
+    from meteora_jax.train import make_optimizer, trainable_filter
+
+    wrt = trainable_filter("gates")
+    opt, _ = make_optimizer(model, cfg, wrt)
+    assert ckpts.restore_latest(model, opt, wrt) == 3
+    err = capsys.readouterr().out
+    assert "step_00000009: corrupt checkpoint" in err and "does not match its sha256" in err
+    assert "step_00000006: partial checkpoint" in err
+
+
+def test_bad_data_messages(setup, tmp_path):
+    names = tuple(VOCAB)
+    d = tmp_path / "d"
+    _write_tasks(d)
+    (d / "stranger").mkdir()
+    with pytest.raises(DataError, match=r"stranger: task 'stranger' has no matching expert"):
+        load_tasks(d, names, "train")
+    (d / "stranger").rmdir()
+    (d / "metal" / "train.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"metal/train\.jsonl: empty"):
+        load_tasks(d, names, "train")
+    (d / "metal" / "train.jsonl").write_text('{"prompt": "iron", "response": "tin"}\n{"prompt": "zinc",\n')
+    with pytest.raises(DataError, match=r"metal/train\.jsonl:2: not valid JSON"):
+        load_tasks(d, names, "train")
+    (d / "metal" / "train.jsonl").write_text('{"prompt": "iron", "response": 3}\n')
+    with pytest.raises(DataError, match=r"metal/train\.jsonl:1: expected an object"):
+        load_tasks(d, names, "train")
+
+
+def test_overlong_samples_are_counted(setup):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(setup / "tok"))
+    samples = load_tasks(setup / "data", tuple(VOCAB), "test", "{prompt}")
+    lengths = [len(e.tokens) for e in tokenize(samples, tok, 100)[0]]
+    limit = 4
+    n_long = sum(n > limit for n in lengths)
+    assert n_long > 0
+    ex, stats = tokenize(samples, tok, limit, overlong="truncate")
+    assert stats["truncated"] == n_long and len(ex) == len(samples) and max(len(e.tokens) for e in ex) == limit
+    ex, stats = tokenize(samples, tok, limit, overlong="skip")
+    assert stats["skipped"] == n_long and len(ex) == len(samples) - n_long
+
+
+def test_composite_labels_each_sub_task(setup):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(setup / "tok"))
+    samples = load_tasks(setup / "data", tuple(VOCAB), "test", "{prompt}")
+    comp = composite(samples, 3, 5, seed=1)
+    word_task = {w: i for i, ws in enumerate(VOCAB.values()) for w in ws.split()}
+    for s in comp:
+        assert len(set(s.tasks)) == 3
+        ex, _ = tokenize([s], tok, 100)
+        words = tok.convert_ids_to_tokens(ex[0].tokens.tolist())
+        known = [(w, t) for w, t in zip(words, ex[0].task_ids, strict=True) if w in word_task]
+        assert len(known) >= 3 * 5  # the numbering ("1.") is <unk> to this tokenizer; the words are known
+        for w, t in known:
+            assert t == word_task[w], (w, t)  # every word carries the task it came from
+    assert composite(samples, 3, 5, seed=1) == comp  # seeded
+
+
+def test_jax_is_deterministic_here():
+    # the resume test relies on identical steps giving identical numbers on this backend
+    x = jax.random.normal(jax.random.key(0), (64, 64))
+    assert np.array_equal(np.asarray(x @ x), np.asarray(x @ x))
