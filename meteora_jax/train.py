@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from meteora_jax import checkpoint as ckpt_lib
 from meteora_jax import data as data_lib
+from meteora_jax import sharding
 from meteora_jax.losses import gate_terms, meteora_loss
 from meteora_jax.meteora import ExpertParam, GateParam, MeteoraLlama, meteora_linears, set_routing
 from meteora_jax.train_state import TrainCheckpoints
@@ -65,6 +66,11 @@ class TrainConfig:
     routing: str | None = None
     strategy: str | None = None
     dtype: str = "float32"
+    mesh: str | None = None  # e.g. "data=2,fsdp=1,tensor=1"; none: one device
+    gate_sharding: str = "split"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     eval_every: int = 40
     eval_batches: int = 8
     save_every: int = 40
@@ -101,6 +107,12 @@ HELP = {
     "routing": "override routing: topk_softmax or softmax_topk",
     "strategy": "override the forward strategy (loop, gather, dense, fused, ...)",
     "dtype": "compute dtype: float32 or bfloat16 (trained params stay float32)",
+    "mesh": "device mesh as axis=size pairs over data, fsdp, tensor, e.g. data=2,fsdp=1,tensor=1 (default: one "
+            "device); sizes multiply to the device count, across hosts with --coordinator",
+    "gate_sharding": "gates on a mesh: 'split' (on their input, like the base weight) or 'replicated'",
+    "coordinator": "host:port of process 0 for a multi-host run (jax.distributed); every host runs the same command",
+    "num_processes": "number of hosts' processes in a multi-host run",
+    "process_id": "this process's index (0 .. num_processes-1) in a multi-host run",
     "eval_every": "evaluate on the test split every N steps (0: only at the end)",
     "eval_batches": "test batches per evaluation (0: all)",
     "save_every": "write a training checkpoint every N steps",
@@ -179,12 +191,12 @@ def build_eval(graphdef, cfg: TrainConfig, num_experts: int):
     return evaluate
 
 
-def run_eval(evaluate, state, plan, cfg, names) -> dict:
+def run_eval(evaluate, state, plan, cfg, names, put=lambda b: b) -> dict:
     sums, n, correct, total = {}, 0, 0.0, 0.0
     for i, batch in enumerate(plan.one_pass()):
         if cfg.eval_batches and i >= cfg.eval_batches:
             break
-        m, c, t = evaluate(state, batch.as_dict())
+        m, c, t = evaluate(state, put(batch.as_dict()))
         for k in ("lm_loss", "gate_loss", "gate_acc"):
             sums[k] = sums.get(k, 0.0) + float(m[k])
         n += 1
@@ -238,6 +250,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns a summary (final metrics, paths)."""
+    sharding.initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
     run_dir = prepare_run_dir(cfg)
     model, tokenizer, data_dir, prompt_format = load_model_and_data(cfg, run_dir)
     prompt_format = cfg.prompt_format or prompt_format
@@ -277,6 +291,10 @@ def train(cfg: TrainConfig) -> dict:
     _truncate_log(metrics_path, start)
 
     graphdef, state = nnx.split((model, optimizer))
+    put = lambda b: b  # noqa: E731
+    if mesh is not None:
+        state = sharding.shard_state(state, mesh, cfg.gate_sharding)
+        put = partial(sharding.shard_batch, mesh=mesh)
     step_fn = build_step(graphdef, wrt, cfg)
     eval_fn = build_eval(graphdef, cfg, len(names))
     batches = train_plan.batches(start * cfg.grad_accum)
@@ -288,7 +306,7 @@ def train(cfg: TrainConfig) -> dict:
         for step in range(start + 1, cfg.steps + 1):
             acc = {}
             for _ in range(cfg.grad_accum):
-                state, m = step_fn(state, next(batches).as_dict())
+                state, m = step_fn(state, put(next(batches).as_dict()))
                 for k, v in m.items():
                     acc[k] = acc.get(k, 0.0) + v
             m = {k: float(v) / cfg.grad_accum for k, v in acc.items()}
@@ -301,7 +319,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{m['loss']:.3f}", gate_acc=f"{m['gate_acc']:.3f}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                ev = run_eval(eval_fn, state, test_plan, cfg, names)
+                ev = run_eval(eval_fn, state, test_plan, cfg, names, put)
                 log.write(json.dumps({"step": step, "eval": ev}) + "\n")
                 log.flush()
                 bar.write(f"step {step} eval: lm_loss {ev['lm_loss']:.3f} gate_loss {ev['gate_loss']:.3f} "
