@@ -8,6 +8,11 @@ otherwise. The model gathers the non-`None` aux of every layer into `LlamaOutput
 layers: `aux[module]` has a leading `[num_layers]` axis. Nothing leaves a call through side channels,
 so the whole forward is a pure function under `nnx.jit`.
 
+For generation a call may take a preallocated `KVCache` (per layer `k`, `v` `[B, S, Hkv, D]`, the key
+validity mask `[B, S]` and the write index): the new keys and values are written at slots
+`[index, index + T)`, queries attend to every valid cached key at or before their own slot, and the
+updated cache comes back in `LlamaOutput.cache`. Without a cache the call is unchanged.
+
 Weights are stored as `[in, out]` kernels (Hugging Face stores `[out, in]`; the converter transposes).
 Module and attribute names follow Hugging Face's so that checkpoint keys map one to one.
 """
@@ -122,7 +127,9 @@ class Attention(nnx.Module):
         for name, mod in _make_linears(ATTN_MODULES, shapes, c.attention_bias, layer, c, factory, rngs).items():
             setattr(self, name, mod)
 
-    def __call__(self, x, positions, mask, inv_freq, aux: dict):
+    def __call__(self, x, positions, mask, inv_freq, aux: dict, kv=None):
+        """`x [B, T, hidden]`, `mask [B, T, S]` (S = T, or the cache length with `kv = (k, v, index)`,
+        `k`/`v [B, S, Hkv, D]`). Returns `y` and, with `kv`, the updated `(k, v)`."""
         b, t, _ = x.shape
         q, aux["q_proj"] = self.q_proj(x)
         k, aux["k_proj"] = self.k_proj(x)
@@ -131,6 +138,11 @@ class Attention(nnx.Module):
         q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
         v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if kv is not None:  # write this step's keys / values into the cache, attend over all of it
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            kv = (k, v)
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
@@ -138,7 +150,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
         y, aux["o_proj"] = self.o_proj(out)
-        return y
+        return y if kv is None else (y, kv)
 
 
 class MLP(nnx.Module):
@@ -163,16 +175,48 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pd)
         self.mlp = MLP(config, layer, factory, rngs)
 
-    def __call__(self, x, positions, mask, inv_freq):
+    def __call__(self, x, positions, mask, inv_freq, kv=None):
         aux: dict[str, Any] = {}
-        x = x + self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, aux)
+        h = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, aux, kv)
+        if kv is not None:
+            h, kv = h
+        x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), aux)
-        return x, {k: v for k, v in aux.items() if v is not None}
+        aux = {k: v for k, v in aux.items() if v is not None}
+        return (x, aux) if kv is None else (x, aux, kv)
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values of every layer for generation.
+
+    `k[i]`, `v[i]`: layer i's `[B, S, Hkv, D]` (after RoPE); `valid [B, S]` bool: which slots hold real
+    tokens (padding and unwritten slots are False); `index`: int32 scalar, the next slot to write.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+
+    @property
+    def length(self) -> int:
+        """S, the number of slots."""
+        return self.valid.shape[1]
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = None) -> KVCache:
+    """An empty `KVCache` of `length` slots for `batch` rows (dtype: the config's compute dtype)."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return KVCache(zeros, tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+                   jnp.zeros((batch, length), jnp.bool_), jnp.zeros((), jnp.int32))
 
 
 class LlamaOutput(NamedTuple):
     logits: jax.Array  # [B, T, vocab] float32
     aux: dict[str, Any]  # per target module, the linears' aux stacked over layers
+    cache: KVCache | None = None  # the updated cache, when one was passed
 
 
 class Llama(nnx.Module):
@@ -191,22 +235,41 @@ class Llama(nnx.Module):
             param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> LlamaOutput:
+                 positions: jax.Array | None = None, cache: KVCache | None = None) -> LlamaOutput:
         """`tokens [B, T]` int; `attention_mask [B, T]` (1 = real token, 0 = padding; left or right
-        padding); `positions [B, T]` default to the count of real tokens before each one."""
+        padding); `positions [B, T]` default to the count of real tokens before each one (with a cache:
+        counting the cached ones too). With `cache` (see `KVCache`), the tokens fill slots
+        `[cache.index, cache.index + T)` and attend to the cached ones; the caller keeps the index within
+        the cache (`index + T <= S`, not checked inside jit)."""
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
         valid = attention_mask.astype(jnp.bool_)
-        if positions is None:
-            positions = default_positions(valid)
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask = causal[None] & valid[:, None, :]  # [B, T(query), T(key)]
+        if cache is None:
+            if positions is None:
+                positions = default_positions(valid)
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            mask = causal[None] & valid[:, None, :]  # [B, T(query), T(key)]
+        else:
+            if t > cache.length:
+                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.length} slots")
+            index = cache.index
+            valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))  # [B, S]
+            if positions is None:
+                positions = jax.lax.dynamic_slice_in_dim(default_positions(valid), index, t, axis=1)
+            slots = index + jnp.arange(t)  # [T]
+            causal = jnp.arange(cache.length)[None, :] <= slots[:, None]  # [T, S]
+            mask = causal[None] & valid[:, None, :]  # [B, T(query), S(key)]
         inv_freq = jnp.asarray(rope_inv_freq(self.config))
         x = self.embed_tokens(tokens)
-        per_layer = []
-        for layer in self.layers:
-            x, aux = layer(x, positions, mask, inv_freq)
+        per_layer, new_k, new_v = [], [], []
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                x, aux = layer(x, positions, mask, inv_freq)
+            else:
+                x, aux, (k, v) = layer(x, positions, mask, inv_freq, (cache.k[i], cache.v[i], cache.index))
+                new_k.append(k)
+                new_v.append(v)
             per_layer.append(aux)
         x = self.norm(x)
         if self.lm_head is None:
@@ -214,7 +277,9 @@ class Llama(nnx.Module):
         else:
             logits, _ = self.lm_head(x)
         aux = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer) if per_layer and per_layer[0] else {}
-        return LlamaOutput(logits.astype(jnp.float32), aux)
+        if cache is not None:
+            cache = KVCache(tuple(new_k), tuple(new_v), valid, cache.index + t)
+        return LlamaOutput(logits.astype(jnp.float32), aux, cache)
 
 
 def default_positions(valid: jax.Array) -> jax.Array:
@@ -228,5 +293,5 @@ def param_shapes(model: Llama) -> dict[str, tuple[tuple[int, ...], Any]]:
     return {".".join(map(str, p)): (tuple(v.shape), v.dtype) for p, v in nnx.to_flat_state(state)}
 
 
-__all__ = ["Llama", "LlamaOutput", "Linear", "LinearFactory", "RMSNorm", "plain_linear", "TARGET_MODULES",
-           "default_positions"]
+__all__ = ["Llama", "LlamaOutput", "KVCache", "init_cache", "Linear", "LinearFactory", "RMSNorm", "plain_linear",
+           "TARGET_MODULES", "default_positions"]
