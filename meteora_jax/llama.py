@@ -233,6 +233,7 @@ class Llama(nnx.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype,
             param_dtype=config.param_dtype, rngs=rngs)
+        self.remat = False  # recompute each layer's activations in the backward pass (training memory)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None) -> LlamaOutput:
@@ -265,7 +266,8 @@ class Llama(nnx.Module):
         per_layer, new_k, new_v = [], [], []
         for i, layer in enumerate(self.layers):
             if cache is None:
-                x, aux = layer(x, positions, mask, inv_freq)
+                call = nnx.remat(_call_layer) if self.remat else _call_layer
+                x, aux = call(layer, x, positions, mask, inv_freq)
             else:
                 x, aux, (k, v) = layer(x, positions, mask, inv_freq, (cache.k[i], cache.v[i], cache.index))
                 new_k.append(k)
@@ -280,6 +282,10 @@ class Llama(nnx.Module):
         if cache is not None:
             cache = KVCache(tuple(new_k), tuple(new_v), valid, cache.index + t)
         return LlamaOutput(logits.astype(jnp.float32), aux, cache)
+
+
+def _call_layer(layer, x, positions, mask, inv_freq):
+    return layer(x, positions, mask, inv_freq)
 
 
 def default_positions(valid: jax.Array) -> jax.Array:

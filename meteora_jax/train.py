@@ -66,6 +66,7 @@ class TrainConfig:
     routing: str | None = None
     strategy: str | None = None
     dtype: str = "float32"
+    remat: bool = False
     mesh: str | None = None  # e.g. "data=2,fsdp=1,tensor=1"; none: one device
     gate_sharding: str = "split"
     coordinator: str | None = None
@@ -107,6 +108,7 @@ HELP = {
     "routing": "override routing: topk_softmax or softmax_topk",
     "strategy": "override the forward strategy (loop, gather, dense, fused, ...)",
     "dtype": "compute dtype: float32 or bfloat16 (trained params stay float32)",
+    "remat": "recompute each decoder layer's activations in the backward pass (less memory, more compute)",
     "mesh": "device mesh as axis=size pairs over data, fsdp, tensor, e.g. data=2,fsdp=1,tensor=1 (default: one "
             "device); sizes multiply to the device count, across hosts with --coordinator",
     "gate_sharding": "gates on a mesh: 'split' (on their input, like the base weight) or 'replicated'",
@@ -259,6 +261,7 @@ def train(cfg: TrainConfig) -> dict:
                if getattr(cfg, k) is not None}
     set_routing(model, forced_expert=None, adapters_enabled=True, **routing)
     names = model.meteora_config.expert_names
+    model.remat = cfg.remat
     wrt = trainable_filter(cfg.train)
     if "experts" in cfg.train:  # float32 master copies of whatever trains (gates already are)
         for _, _, lin in meteora_linears(model):

@@ -236,3 +236,26 @@ def test_jax_is_deterministic_here():
     # the resume test relies on identical steps giving identical numbers on this backend
     x = jax.random.normal(jax.random.key(0), (64, 64))
     assert np.array_equal(np.asarray(x @ x), np.asarray(x @ x))
+
+
+def test_remat_gives_the_same_gradients(setup):
+    from meteora_jax.losses import meteora_loss
+    from meteora_jax.meteora import GateParam
+
+    model = checkpoint.load(setup / "ckpt")
+    rng = np.random.default_rng(5)
+    b, t = 2, 6
+    batch = {"tokens": jax.numpy.asarray(rng.integers(2, model.config.vocab_size, (b, t)), jax.numpy.int32),
+             "attention_mask": jax.numpy.ones((b, t), bool),
+             "task_ids": jax.numpy.asarray(rng.integers(0, 4, (b, t)), jax.numpy.int32),
+             "response": jax.numpy.ones((b, t), bool)}
+    grads = {}
+    for remat in (False, True):
+        model.remat = remat
+        fn = nnx.grad(lambda m: meteora_loss(m, batch, gate_coef=1.0, response_only=False)[0],
+                      argnums=nnx.DiffState(0, GateParam))
+        grads[remat] = jax.tree.leaves(nnx.jit(fn)(model))
+    assert len(grads[True]) == len(grads[False]) > 0
+    for a, g in zip(grads[False], grads[True], strict=True):
+        assert np.abs(np.asarray(a)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(a), rtol=1e-5, atol=1e-7)
