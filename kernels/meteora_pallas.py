@@ -1,0 +1,444 @@
+"""The MeteoRA adapter term as Pallas kernels (Triton backend on GPU, interpret mode on CPU), with a backward pass.
+
+    delta[n] = sum_j  w[n, j] * s[e] * (x[n] @ a[e]) @ b[e],     e = experts[n, j]
+
+    x [N, D]   a [E, D, R]   b [E, R, O]   s [E] f32   experts [N, k] int32   w [N, k] f32   ->   delta [N, O]
+
+No weight is gathered per token. Two organisations, picked by the number of tokens:
+
+* decode (N <= `BlockSizes.decode_max_tokens`, forward only): one launch, a grid over output tiles; each
+  program forms h = x[n] @ a[e] for its tokens' k experts as matrix-vector products (reading only the chosen
+  experts' A from L2) and adds `c * h @ b[e][:, tile]`.
+* expert columns (everything else, and every backward): the k chosen experts of a token are k blocks of R
+  columns of the "wide" matrix `a` viewed as `[D, E*R]` (column c is expert c // R, rank c % R; the view is
+  indexed inside the kernel, nothing is transposed or copied). Two launches:
+    shrink   H [N, E*R] f32 = coef * (x @ a_wide),  coef[n, c] = sum_j w[n, j] s[e] [experts[n, j] == c // R]
+             built in-kernel from the routing and applied in the epilogue (0 for experts a token did not
+             pick). With small row blocks, a column tile none of whose experts the block picked is skipped
+             whole (no loads, no products). Split over D with atomic adds when there are too few row blocks
+             to fill the GPU.
+    expand   delta = H @ b_wide,  b_wide = b.reshape(E*R, O): a plain tiled product.
+  The dense E*R work is cheap while E*R << O (Llama sizes: 224 vs 4096); its merit is one read of x and
+  full tensor-core tiles with vectorised loads and no sort of tokens by expert.
+
+Backward (`jax.custom_vjp`; its forward keeps P = x @ a_wide unscaled), with g = d delta [N, O]:
+    dH = g @ b_wide^T ("no,co->nc")      dcoef[n, e] = sum_r dH[n, eR+r] P[n, eR+r]
+    dw[n, j] = dcoef[n, e] s[e]      ds[e] = sum_n dcoef[n, e] sum_j w[n, j] [e_nj == e]
+    dP = coef * dH      dx = dP @ a_wide^T      da = x^T @ dP  (written straight into [E, D, R])
+    db = (coef * P)^T @ g
+All six products are one generic tiled kernel (`_matmul`) parameterised by how each operand is laid out.
+
+Model for the file: jax's `jax/experimental/pallas/ops/gpu/attention.py` (block sizes, kernel, jitted wrapper
+with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two; dot tiles at least 16). `None` fields are picked from the shapes."""
+
+    decode_max_tokens: int = 1  # a forward of N <= this many tokens uses the one-launch decode kernel
+    decode_block_out: int = 128
+    decode_block_in: int = 512
+    decode_max_elems: int = 8192  # cap on the decode kernel's [pairs, block_in, r] tile
+    decode_warps: int = 4
+    shrink_block_tokens: int = 64
+    shrink_block_cols: int | None = None  # None: 32 for N <= 256 (finer skipping), else all E*r (<= 256)
+    shrink_block_in: int = 64
+    shrink_split: int | None = None  # split of the reduction; None: enough programs for `target_programs`
+    skip_max_picks: int = 64  # skip unpicked column tiles when a row block holds <= this many (token, slot)s
+    expand_block_tokens: int | None = None  # None: N rounded up (16..64) for N <= 256, else 128
+    expand_block_out: int | None = None  # None: 64 for N <= 64, else 128
+    expand_block_cols: int = 32
+    weight_block_rows: int = 64  # da [in, E*r] and db [E*r, out] tiles
+    weight_block_cols: int = 64
+    weight_block_out: int = 128
+    weight_block_tokens: int = 64
+    target_programs: int = 132  # one wave of an H100
+    num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
+    num_stages: int = 3
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        return cls()
+
+    def warps(self, bm: int, bn: int) -> int:
+        return self.num_warps or (8 if bm * bn >= 64 * 256 else 4)
+
+
+def _p2(n: int, lo: int = 16, hi: int | None = None) -> int:
+    v = max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+    return min(v, hi) if hi is not None else v
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+# A layout maps a tile's row indices i [BI, 1] and column indices j [1, BJ] of a logical matrix to offsets
+# into the operand's flat buffer.
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """Row-major matrix with `ld` columns: off = i * ld + j."""
+
+    ld: int
+
+    def off(self, i, j):
+        return i * self.ld + j
+
+
+@dataclasses.dataclass(frozen=True)
+class Cols:
+    """A row-major `[cols, ld]` buffer read as its transpose: off = j * ld + i."""
+
+    ld: int
+
+    def off(self, i, j):
+        return j * self.ld + i
+
+
+@dataclasses.dataclass(frozen=True)
+class Wide:
+    """`a [E, D, R]` read as `[D, E*R]` (transpose=False) or `[E*R, D]` (transpose=True)."""
+
+    d: int
+    r: int
+    transpose: bool = False
+
+    def off(self, i, j):
+        d, c = (j, i) if self.transpose else (i, j)
+        return lax.div(c, self.r) * (self.d * self.r) + d * self.r + lax.rem(c, self.r)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """How the routing enters a `_matmul` whose rows are tokens and columns wide (c belongs to expert c // r)."""
+
+    k: int
+    r: int
+    skip: bool = False  # skip a column tile none of whose experts a token of the row block picked
+    scale: bool = False  # multiply the result by coef[n, c] = sum_j w_j s_e [e_j == c // r]
+
+
+def _iota(n):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _load(ref, off, mask, interpret):
+    if interpret:  # jnp gathers clamp; keep masked lanes off valid elements
+        off = jnp.where(mask, off, 0)
+    return plgpu.load(ref.at[off], mask=mask, other=jnp.zeros((), ref.dtype))
+
+
+def _store(ref, off, val, mask, interpret, atomic=False):
+    if interpret:  # the emulated scatter drops out-of-range lanes: send masked ones there
+        off = jnp.where(mask, off, ref.shape[0])
+        if atomic:
+            plgpu.atomic_add(ref, off, val)
+        else:
+            plgpu.store(ref.at[off], val)
+    elif atomic:
+        plgpu.atomic_add(ref, off, val, mask=mask)
+    else:
+        plgpu.store(ref.at[off], val, mask=mask)
+
+
+def _dot(a, b):
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=prec)
+
+
+# ------------------------------------------------------------------------------------------ the matmul
+def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, route, dtype, interpret):
+    """out[i, j] (+)= sum_t lhs[i, t] rhs[t, j] over this program's share of t; see `_matmul`."""
+    if route is None:
+        lhs_ref, rhs_ref, out_ref = refs[:3]
+    else:
+        lhs_ref, rhs_ref, e_ref, w_ref, s_ref, out_ref = refs[:6]
+    pid_m, pid_n, pid_s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pid_m * bm + _iota(bm)
+    cols = pid_n * bn + _iota(bn)
+    rmask, cmask = rows < m, cols < n
+    xrows, wcols = rmask, cmask  # load masks; a skipped tile turns them all off (no memory traffic)
+
+    if route is not None:
+        ce = lax.div(cols, route.r)  # expert of each column
+        hits = []  # per slot j: [bm, bn] token picked the column's expert; weights [bm]
+        for j in range(route.k):
+            e = _load(e_ref, rows * route.k + j, rmask, interpret)
+            hits.append(((e[:, None] == ce[None, :]) & rmask[:, None], _load(w_ref, rows * route.k + j, rmask,
+                                                                              interpret)))
+        if route.skip:  # no token of the block picked an expert of this tile
+            picked = functools.reduce(jnp.logical_or, [h for h, _ in hits]) & cmask[None, :]
+            live = jnp.max(picked.astype(jnp.int32)) > 0
+            xrows, wcols = rmask & live, cmask & live
+
+    def body(t, acc):
+        kk = pid_s * ks + t * bk + _iota(bk)
+        kmask = kk < kdim
+        x = _load(lhs_ref, lhs.off(rows[:, None], kk[None, :]), xrows[:, None] & kmask[None, :], interpret)
+        w = _load(rhs_ref, rhs.off(kk[:, None], cols[None, :]), kmask[:, None] & wcols[None, :], interpret)
+        return acc + _dot(x.astype(dtype), w.astype(dtype))
+
+    acc = lax.fori_loop(0, pl.cdiv(ks, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    if route is not None and route.scale:
+        s = _load(s_ref, ce, cmask, interpret)
+        coef = functools.reduce(jnp.add, [jnp.where(h, w[:, None], 0.0) for h, w in hits])
+        acc = acc * (coef * s[None, :])
+    off = out.off(rows[:, None], cols[None, :])
+    _store(out_ref, off, acc.astype(out_ref.dtype), rmask[:, None] & cmask[None, :], interpret, atomic=split > 1)
+
+
+def _matmul(lhs_arr, rhs_arr, *, m, n, kdim, lhs, rhs, out, out_dtype, dtype, bm, bn, bk, split=1, route=None,
+            routing=(), num_warps=4, num_stages=3, interpret=False, name="meteora_mm"):
+    """`out[m, n] = lhs[m, kdim] @ rhs[kdim, n]` over flat buffers read through layouts; f32 accumulation,
+    operands rounded to `dtype`.
+
+    The reduction is cut into `split` ranges whose programs add atomically into a zeroed f32 output.
+    `routing = (experts [N*k], weights [N*k], scaling [E])` when `route` is given (rows are then tokens).
+    Returns the flat output buffer of `m * n` elements (in `out`'s layout).
+    """
+    ks = pl.cdiv(pl.cdiv(kdim, bk), split) * bk
+    grid = (pl.cdiv(m, bm), pl.cdiv(n, bn), split)
+    kernel = functools.partial(_matmul_kernel, m=m, n=n, kdim=kdim, bm=bm, bn=bn, bk=bk, ks=ks, split=split,
+                               lhs=lhs, rhs=rhs, out=out, route=route, dtype=dtype, interpret=interpret)
+    args = [lhs_arr.reshape(-1), rhs_arr.reshape(-1), *routing]
+    aliases = {}
+    if split > 1:
+        out_dtype = jnp.float32
+        args.append(jnp.zeros((m * n,), out_dtype))
+        aliases = {len(args) - 1: 0}
+        inner = kernel
+        kernel = lambda *refs: inner(*refs[:-2], refs[-1])  # the zeroed input aliases the output ref
+    return pl.pallas_call(
+        kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((m * n,), out_dtype), input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret, name=name,
+    )(*args)
+
+
+# -------------------------------------------------------------------------------------------- decode
+def _decode_kernel(x_ref, a_ref, b_ref, s_ref, e_ref, w_ref, o_ref, *, n_tok, d, r, o, k, pp, rp, bn, bk,
+                   interpret):
+    """All (token, slot) pairs p at once: h[p] = x[tok p] @ a[e_p] as matrix-vector products (chosen experts
+    only), then this program's output tile: sum_p c_p h[p] @ b[e_p][:, tile]."""
+    cols = pl.program_id(0) * bn + _iota(bn)
+    cmask = cols < o
+    p = _iota(pp)
+    pmask = p < n_tok * k
+    tok = lax.div(p, k)
+    e = _load(e_ref, p, pmask, interpret)
+    c = _load(w_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
+    rr = _iota(rp)
+    rmask = rr < r
+
+    def body(t, h):
+        dd = t * bk + _iota(bk)
+        dmask = dd < d
+        xv = _load(x_ref, tok[:, None] * d + dd[None, :], pmask[:, None] & dmask[None, :], interpret)
+        amask = pmask[:, None, None] & dmask[None, :, None] & rmask[None, None, :]
+        av = _load(a_ref, e[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :], amask, interpret)
+        return h + jnp.sum(xv.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
+
+    h = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((pp, rp), jnp.float32))
+    h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
+    bmask = pmask[:, None, None] & rmask[None, :, None] & cmask[None, None, :]
+    bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :], bmask, interpret)
+    contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)  # [pp, bn]
+    for i in range(n_tok):
+        row = jnp.sum(jnp.where((tok == i)[:, None], contrib, 0.0), axis=0)
+        _store(o_ref, i * o + cols, row.astype(o_ref.dtype), cmask, interpret)
+
+
+def decode_tiles(bs: BlockSizes, pairs: int, r: int) -> tuple[int, int, int, int]:
+    """(pp, rp, bk, bn) of the decode kernel: pairs and rank rounded up to powers of two, and the D / output
+    tiles capped so that the [pp, bk, rp] and [pp, rp, bn] products stay in registers."""
+    pp, rp = _p2(pairs, 1), _p2(r, 1)
+    cap = max(16, bs.decode_max_elems // (pp * rp))
+    return pp, rp, min(bs.decode_block_in, cap), min(bs.decode_block_out, cap)
+
+
+def _decode(x, a, b, scaling, experts, weights, bs: BlockSizes, interpret: bool):
+    n_tok, d = x.shape
+    _, _, r = a.shape
+    o, k = b.shape[-1], experts.shape[1]
+    pp, rp, bk, bn = decode_tiles(bs, n_tok * k, r)
+    kernel = functools.partial(_decode_kernel, n_tok=n_tok, d=d, r=r, o=o, k=k, pp=pp, rp=rp, bn=bn, bk=bk,
+                               interpret=interpret)
+    experts, weights, scaling = _routing(experts, weights, scaling)
+    out = pl.pallas_call(
+        kernel, grid=(pl.cdiv(o, bn),), out_shape=jax.ShapeDtypeStruct((n_tok * o,), x.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.decode_warps, num_stages=bs.num_stages),
+        interpret=interpret, name="meteora_decode",
+    )(x.reshape(-1), a.reshape(-1), b.reshape(-1), scaling, experts, weights)
+    return out.reshape(n_tok, o)
+
+
+# ------------------------------------------------------------------------------- forward / backward
+def _shrink(lhs_arr, w_arr, w_layout, kdim, r, c, routing, bs, impl, scale):
+    """[N, C] = (coef *) lhs [N, kdim] @ W [kdim, C] (wide columns; unpicked column tiles skipped); f32 unless
+    scaled and unsplit (then lhs's dtype).
+
+    Forward: x @ a_wide (`Wide(D, r)`); backward: g @ b_wide^T (b [E, r, O] read as [O, E*r]: `Cols(O)`).
+    """
+    n_tok = lhs_arr.shape[0]
+    k = routing[0].shape[0] // n_tok
+    bm = _p2(n_tok, 16, bs.shrink_block_tokens)
+    bc = bs.shrink_block_cols or (32 if n_tok <= 256 else _p2(c, 16, 256))
+    bk = bs.shrink_block_in
+    progs = pl.cdiv(n_tok, bm) * pl.cdiv(c, bc)
+    split = bs.shrink_split or max(1, min(pl.cdiv(kdim, bk) // 2, pl.cdiv(bs.target_programs, progs)))
+    route = Route(k=k, r=r, skip=min(bm, n_tok) * k <= bs.skip_max_picks, scale=scale)
+    out_dtype = lhs_arr.dtype if scale else jnp.float32  # H feeds the expand in the compute dtype; P stays f32
+    flat = impl.matmul(lhs_arr, w_arr, m=n_tok, n=c, kdim=kdim, lhs=Rows(kdim), rhs=w_layout, out=Rows(c),
+                       out_dtype=out_dtype, dtype=lhs_arr.dtype, bm=bm, bn=bc, bk=bk, split=split, route=route,
+                       routing=routing, num_warps=bs.warps(bm, bc), num_stages=bs.num_stages,
+                       interpret=impl.interpret, name="meteora_shrink")
+    return flat.reshape(n_tok, c)
+
+
+def _expand(h, w_arr, w_layout, n_out, dtype, bs, impl):
+    """[N, n_out] = h [N, C] @ W [C, n_out] (h rounded to `dtype`).
+
+    Forward: H @ b_wide (`Rows(O)`); backward: dP @ a_wide^T (`Wide(D, r, transpose=True)`).
+    """
+    n_tok, c = h.shape
+    bm = bs.expand_block_tokens or (_p2(n_tok, 16, 64) if n_tok <= 256 else 128)
+    bn = bs.expand_block_out or (64 if n_tok <= 64 else 128)
+    flat = impl.matmul(h, w_arr, m=n_tok, n=n_out, kdim=c, lhs=Rows(c), rhs=w_layout, out=Rows(n_out),
+                       out_dtype=dtype, dtype=dtype, bm=bm, bn=bn, bk=bs.expand_block_cols,
+                       num_warps=bs.warps(bm, bn), num_stages=bs.num_stages, interpret=impl.interpret,
+                       name="meteora_expand")
+    return flat.reshape(n_tok, n_out)
+
+
+def _routing(experts, weights, scaling):
+    return (experts.astype(jnp.int32).reshape(-1), weights.astype(jnp.float32).reshape(-1),
+            scaling.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """The kernels a fused path is built from: `matmul` as `_matmul`, `decode` as `_decode`
+    (`kernels.meteora_triton` supplies Triton ones)."""
+
+    matmul: Callable
+    decode: Callable
+    interpret: bool = False
+
+
+def _coef(experts, weights, scaling, r):
+    """coef [N, E*r] f32 (each expert's sum_j w_j s_e repeated over its r columns), wsum [N, E], one-hot."""
+    onehot = jax.nn.one_hot(experts, scaling.shape[0], dtype=jnp.float32)  # [N, k, E]
+    wsum = jnp.einsum("nk,nke->ne", weights.astype(jnp.float32), onehot)
+    return jnp.repeat(wsum * scaling.astype(jnp.float32), r, axis=1), wsum, onehot
+
+
+def _forward(x, a, b, scaling, experts, weights, bs, impl, keep_p=False):
+    e_num, d, r = a.shape
+    routing = _routing(experts, weights, scaling)
+    if keep_p:  # for the backward: P unscaled, H = coef * P
+        p = _shrink(x, a, Wide(d, r), d, r, e_num * r, routing, bs, impl, scale=False)
+        h = _coef(experts, weights, scaling, r)[0] * p
+    else:
+        p = None
+        h = _shrink(x, a, Wide(d, r), d, r, e_num * r, routing, bs, impl, scale=True)
+    delta = _expand(h, b, Rows(b.shape[-1]), b.shape[-1], x.dtype, bs, impl)
+    return delta, p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def fused_apply(x, a, b, scaling, experts, weights, bs: BlockSizes, impl: Impl):
+    """The adapter term through `impl`'s kernels (no argument checks; see `meteora_fused`)."""
+    if x.shape[0] <= bs.decode_max_tokens:
+        return impl.decode(x, a, b, scaling, experts, weights, bs, impl.interpret)
+    return _forward(x, a, b, scaling, experts, weights, bs, impl)[0]
+
+
+def _fused_fwd(x, a, b, scaling, experts, weights, bs, impl):
+    delta, p = _forward(x, a, b, scaling, experts, weights, bs, impl, keep_p=True)
+    return delta, (x, a, b, scaling, experts, weights, p)
+
+
+def _fused_bwd(bs, impl, res, g):
+    x, a, b, scaling, experts, weights, p = res
+    n_tok, d = x.shape
+    e_num, _, r = a.shape
+    o, c = b.shape[-1], e_num * r
+    g = g.astype(x.dtype)
+    routing = _routing(experts, weights, scaling)
+    s32 = scaling.astype(jnp.float32)
+    dh = _shrink(g, b, Cols(o), o, r, c, routing, bs, impl, scale=False)  # g @ b_wide^T  [N, C] f32
+    coef, wsum, onehot = _coef(experts, weights, scaling, r)
+    dcoef = (dh * p).reshape(n_tok, e_num, r).sum(-1)  # [N, E]: d loss / d (w s) per expert
+    dw = jnp.einsum("ne,nke->nk", dcoef, onehot) * s32[experts]
+    ds = jnp.einsum("ne,ne->e", dcoef, wsum)
+    dp = (coef * dh).astype(x.dtype)  # [N, C]
+    h = (coef * p).astype(x.dtype)
+    dx = _expand(dp, a, Wide(d, r, transpose=True), d, x.dtype, bs, impl)
+    mm = functools.partial(impl.matmul, dtype=x.dtype, bm=bs.weight_block_rows,
+                           bk=_p2(n_tok, 16, bs.weight_block_tokens), num_stages=bs.num_stages,
+                           interpret=impl.interpret)
+    bw, bo = bs.weight_block_cols, bs.weight_block_out
+    da = mm(x, dp, m=d, n=c, kdim=n_tok, lhs=Cols(d), rhs=Rows(c), out=Wide(d, r), out_dtype=a.dtype, bn=bw,
+            num_warps=bs.warps(bs.weight_block_rows, bw), name="meteora_da")  # x^T @ dP, written as [E, D, r]
+    db = mm(h, g, m=c, n=o, kdim=n_tok, lhs=Cols(c), rhs=Rows(o), out=Rows(o), out_dtype=b.dtype, bn=bo,
+            num_warps=bs.warps(bs.weight_block_rows, bo), name="meteora_db")  # (coef P)^T @ g
+    return (dx, da.reshape(a.shape), db.reshape(b.shape), ds.astype(scaling.dtype), None,
+            dw.astype(weights.dtype))
+
+
+fused_apply.defvjp(_fused_fwd, _fused_bwd)
+
+
+def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,
+                  interpret: bool | None = None):
+    """The adapter term `[N, O]` in x's dtype; differentiable in x, a, b, scaling and weights.
+
+    Operands are used in x's dtype (cast a, b beforehand); experts must lie in [0, E).
+    `interpret=None` runs the kernels in Pallas interpret mode when no GPU backend is present.
+    """
+    check_args(x, a, b, scaling, experts, weights)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    impl = Impl(matmul=_matmul, decode=_decode, interpret=bool(interpret))
+    return fused_apply(x, a, b, scaling, experts, weights, block_sizes or BlockSizes.get_default(), impl)
+
+
+def check_args(x, a, b, scaling, experts, weights):
+    if x.ndim != 2 or a.ndim != 3 or b.ndim != 3:
+        raise ValueError(f"meteora_fused: expected x [N, in], a [E, in, r], b [E, r, out]; got x {x.shape}, "
+                         f"a {a.shape}, b {b.shape}")
+    e_num, d, r = a.shape
+    if x.shape[1] != d or b.shape[:2] != (e_num, r) or scaling.shape != (e_num,):
+        raise ValueError(f"meteora_fused: inconsistent shapes x {x.shape}, a {a.shape}, b {b.shape}, "
+                         f"scaling {scaling.shape} (want a [E, {x.shape[1]}, r], b [E, r, out], scaling [E])")
+    if experts.shape != weights.shape or experts.ndim != 2 or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"meteora_fused: experts {experts.shape} and weights {weights.shape} must both be "
+                         f"[N={x.shape[0]}, k]")
+    if not jnp.issubdtype(experts.dtype, jnp.integer):
+        raise ValueError(f"meteora_fused: experts must be integers, got {experts.dtype}")
+
+
+# ------------------------------------------------------------------------------------------ reference
+def meteora_reference(x, a, b, scaling, experts, weights):
+    """Pure JAX, float32 throughout: sum_j w_j s_e (x a_e) b_e, gathering each token's experts."""
+    f32 = jnp.float32
+    hp = lax.Precision.HIGHEST
+    a_sel, b_sel = a.astype(f32)[experts], b.astype(f32)[experts]  # [N, k, D, R], [N, k, R, O]
+    h = jnp.einsum("nd,nkdr->nkr", x.astype(f32), a_sel, precision=hp)
+    h = h * (weights.astype(f32) * scaling.astype(f32)[experts])[..., None]
+    return jnp.einsum("nkr,nkro->no", h, b_sel, precision=hp).astype(x.dtype)
+
+

@@ -1,0 +1,23 @@
+"""The kernel strategies of the MeteoRA adapter term: `fused` (Pallas) and `triton` (jax-triton).
+
+Same signature as `meteora_jax.strategies` (`fn(x [N, in], a [E, in, r], b [E, r, out], scaling [E],
+experts [N, k], weights [N, k]) -> [N, out]`); `strategies.py` merges `STRATEGIES` below into its registry,
+so `MeteoraConfig(strategy="fused")` picks it. `fused` runs anywhere (Pallas interpret mode without a GPU);
+`triton` needs a GPU and jax-triton (`pip install 'meteora-jax[gpu]'`) and says so when called without them.
+Both are differentiable (custom VJP): the gate trains through them, and so can the experts.
+"""
+
+from __future__ import annotations
+
+from kernels import meteora_pallas, meteora_triton
+
+
+def fused(x, a, b, scaling, experts, weights):
+    return meteora_pallas.meteora_fused(x, a, b, scaling, experts, weights)
+
+
+def triton(x, a, b, scaling, experts, weights):
+    return meteora_triton.meteora_triton(x, a, b, scaling, experts, weights)
+
+
+STRATEGIES = {"fused": fused, "triton": triton}
