@@ -95,7 +95,7 @@ def save_png(trace, path: str | os.PathLike, texts: Sequence[Sequence[str]], *, 
     names = trace.expert_names
     rows = len(trace.experts)
     longest = max(len(t) for t in trace.tokens)
-    width = min(40.0, 3 + 0.18 * longest)
+    width = min(40.0, max(7.0, 2.5 + 0.18 * longest))
     fig, axes = plt.subplots(rows, 1, figsize=(width, rows * (1.2 + 0.22 * len(names))), squeeze=False)
     for i, ax in enumerate(axes[:, 0]):
         mass = expert_mass(trace.experts[i], trace.weights[i], len(names))
@@ -107,8 +107,8 @@ def save_png(trace, path: str | os.PathLike, texts: Sequence[Sequence[str]], *, 
                       fontsize=6)
         ax.axvline(trace.prompt_lengths[i] - 0.5, color="white", linewidth=1.5)
         ax.set_ylabel("expert")
-        ax.set_title(f"prompt {i}: routing weight per expert, mean over layers and modules "
-                     f"(generation right of the line)", fontsize=8)
+        ax.set_title(f"prompt {i}: mean routing weight per expert over layers and modules\n"
+                     "(generated tokens right of the white line)", fontsize=8)
         fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
     if title:
         fig.suptitle(title)
