@@ -76,7 +76,7 @@ class MeteoraConfig:
     top_k: int = 2
     temperature: float = 1.0
     routing: str = "topk_softmax"
-    strategy: str = "gather"
+    strategy: str = "dense"  # fastest of all strategies on the H100 (experiments/results/layer_bench.md)
     forced_expert: int | None = None
     adapters_enabled: bool = True
 
