@@ -273,13 +273,16 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
              stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), trace: bool = False,
              on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-             max_len: int | None = None) -> Generation:
+             max_len: int | None = None, mesh=None) -> Generation:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
 
     `eos_token_ids` default to the config's. `stop_token_ids`: more tokens that end a row (kept in the
     output, like EOS). `stop_sequences`: token sequences that end a row once generated. `max_len`: KV cache
     slots (default: prompt and new-token buckets); a prompt that does not fit raises before any compute.
     `on_token(step, tokens [B], active [B])` streams each step's tokens (B includes padding rows).
+    `mesh`: a `jax.sharding.Mesh` (`meteora_jax.sharding.make_mesh`) to run on several devices: weights
+    split by `meteora_jax.sharding`'s rules (tensor parallel on the `tensor` axis), the batch over data and
+    fsdp when it divides, else replicated.
     """
     tokens, mask, tp, buf = prepare(model, prompts, max_new_tokens, max_len)
     if trace and not _has_routing(model):
@@ -289,18 +292,21 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     eos = default_eos(model) if eos_token_ids is None else tuple(eos_token_ids)
     rule = _stop_rule(model.config.vocab_size, eos, stop_token_ids, stop_sequences)
     graphdef, state = nnx.split(model)
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    if mesh is not None:
+        state, (tokens, mask) = _place_on_mesh(state, (tokens, mask), mesh)
     key = jax.random.key(sampling.seed)
     temp, top_p = jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p)
     pad_id = jnp.int32(model.config.pad_token_id if model.config.pad_token_id is not None else (eos or (0,))[0])
     max_new = jnp.int32(max_new_tokens)
     t0 = time.perf_counter()
-    first, done, recent, cache, ptrace = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, temp,
+    first, done, recent, cache, ptrace = _prefill(graphdef, state, tokens, mask, key, temp,
                                                   top_p, rule, max_new, static=static)
     jax.block_until_ready(first)
     with _STREAM_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
         if on_token is not None:
-            on_token(0, np.asarray(first), mask.any(axis=-1))
+            on_token(0, np.asarray(first), np.asarray(mask).any(axis=-1))
             _STREAM["fn"] = on_token
         t1 = time.perf_counter()
         try:
@@ -318,6 +324,20 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     if trace:
         result.trace = _host_trace(model, prompts, gen, tp, ptrace, gtrace)
     return result
+
+
+def _place_on_mesh(state, batch: tuple, mesh):
+    """Shard the model state by the partition rules and the batch over data x fsdp (if it divides)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from meteora_jax import sharding
+
+    state = sharding.shard_state(state, mesh)
+    rows = batch[0].shape[0]
+    split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    where = sharding.batch_sharding(mesh) if split else NamedSharding(mesh, P())
+    return state, tuple(jax.device_put(a, where) for a in batch)
 
 
 def _has_routing(model: Llama) -> bool:
@@ -439,6 +459,9 @@ def build_parser():
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
     r.add_argument("--expert", help="force every token to this expert (name or index), weight 1")
     r.add_argument("--no-adapters", action="store_true", help="turn the adapters off (exactly the base model)")
+    d = p.add_argument_group("devices")
+    d.add_argument("--mesh", help="run on a device mesh, axis=size over data, fsdp, tensor (e.g. tensor=2 for "
+                                  "tensor parallelism); sizes multiply to the device count")
     o = p.add_argument_group("output")
     o.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt only)")
     o.add_argument("--trace", metavar="PNG", help="save a routing picture (tokens x experts, averaged over "
@@ -530,6 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         from meteora_jax.checkpoint import check_writable
 
         check_writable(args.trace, args.overwrite)
+    mesh = None
+    if args.mesh:
+        from meteora_jax.sharding import make_mesh
+
+        try:
+            mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     model = _load_model(args)
     want_trace = bool(args.trace or args.show_routing)
     if want_trace and not _has_routing(model):
@@ -549,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = generate_text(model, tok, prompts, chat=args.chat, system=args.system, stop_strings=args.stop,
                             max_new_tokens=args.max_new_tokens, sampling=sampling, trace=want_trace,
-                            on_token=on_token, max_len=args.max_len)
+                            on_token=on_token, max_len=args.max_len, mesh=mesh)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.stream:

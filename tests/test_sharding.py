@@ -53,6 +53,53 @@ def test_losses_on_meshes_equal_one_device(setup):  # noqa: F811
                 assert abs(a["eval"]["lm_loss"] - b["eval"]["lm_loss"]) <= 2e-5 * a["eval"]["lm_loss"], key
 
 
+GEN_SCRIPT = textwrap.dedent("""
+    import json
+    import jax
+    import numpy as np
+    from flax import nnx
+    from meteora_jax.config import LlamaConfig
+    from meteora_jax.generate import Sampling, generate
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, set_routing
+    from meteora_jax.sharding import make_mesh
+    assert jax.device_count() == 8
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    model = MeteoraLlama(cfg, MeteoraConfig(expert_names=("a", "b", "c", "d"), rank=4, top_k=2), rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, 96, n).tolist() for n in (5, 9, 3, 7)]
+    out = {{}}
+    for mesh in {meshes!r}:
+        for strategy in ("dense",):
+            set_routing(model, strategy=strategy)
+            m = make_mesh(mesh) if mesh else None
+            g = generate(model, prompts, max_new_tokens=8, eos_token_ids=(), mesh=m, trace=True)
+            s = generate(model, prompts, max_new_tokens=8, eos_token_ids=(), mesh=m,
+                         sampling=Sampling(temperature=0.8, top_k=20, seed=1))
+            out[str(mesh) + strategy] = {{"greedy": g.tokens, "sampled": s.tokens,
+                                         "experts": [np.asarray(e).tolist() for e in g.trace.experts]}}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_generation_on_meshes_equals_one_device():
+    meshes = [None, "tensor=8", "data=2,tensor=4", "data=4,fsdp=2", "fsdp=2,tensor=2,data=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    r = subprocess.run([sys.executable, "-c", GEN_SCRIPT.format(meshes=meshes)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    for strategy in ("dense",):
+        ref = res["None" + strategy]
+        assert all(len(t) == 8 for t in ref["greedy"])
+        for mesh in meshes[1:]:
+            got = res[str(mesh) + strategy]
+            assert got["greedy"] == ref["greedy"], (mesh, strategy)
+            assert got["sampled"] == ref["sampled"], (mesh, strategy)
+            assert got["experts"] == ref["experts"], (mesh, strategy)
+
+
 def test_mesh_flags_and_rules():
     assert parse_mesh("data=2,tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4}
     with pytest.raises(ValueError, match="expected comma-separated axis=size"):
