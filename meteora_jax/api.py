@@ -44,10 +44,13 @@ def load_base(path: str | os.PathLike, *, dtype: str | None = None) -> Llama:
 def _resolve_routing(routing: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     routing = dict(routing)
     forced = routing.get("forced_expert")
-    if isinstance(forced, str):
-        if forced not in names:
-            raise ValueError(f"forced_expert={forced!r} is not one of the experts {list(names)}")
-        routing["forced_expert"] = list(names).index(forced)
+    if isinstance(forced, str):  # a name, or an index written as text (command lines)
+        if forced in names:
+            routing["forced_expert"] = list(names).index(forced)
+        elif forced.isdigit() and int(forced) < len(names):
+            routing["forced_expert"] = int(forced)
+        else:
+            raise ValueError(f"forced_expert={forced!r} is not an expert name or index; experts: {list(names)}")
     top_k = routing.get("top_k")
     if top_k is not None and not 1 <= top_k <= len(names):
         raise ValueError(f"top_k must be in 1..{len(names)} (the number of experts), got {top_k}")
@@ -93,3 +96,16 @@ def from_pretrained(base: str | os.PathLike | Llama, adapters: Sequence[str | os
     stacked = read_adapters(adapters, model.config, names, drop_modules_to_save=drop_modules_to_save)
     mcfg = stacked.meteora_config(**_resolve_routing(routing, stacked.names))
     return attach_experts(model, mcfg, stacked.experts, seed=seed, expert_sources=stacked.expert_sources())
+
+
+def load_model(*, checkpoint: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
+               adapters: Sequence[str | os.PathLike] | None = None, dtype: str | None = None, **routing) -> Llama:
+    """The model a command line names: exactly one of `checkpoint` (meteora-jax) or `base` (Hugging Face folder
+    or .gguf, with `adapters` attached); routing options given as None are left unchanged. ValueError on bad
+    input, with the reason."""
+    if (checkpoint is None) == (base is None):
+        raise ValueError("give exactly one of a checkpoint or a base model")
+    if adapters and checkpoint is not None:
+        raise ValueError("adapters attach to a base model, not to a checkpoint")
+    routing = {k: v for k, v in routing.items() if v is not None}
+    return from_pretrained(checkpoint if checkpoint is not None else base, adapters or None, dtype=dtype, **routing)

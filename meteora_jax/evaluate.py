@@ -376,32 +376,21 @@ def parse_temperatures(spec: str) -> dict[int, float]:
 
 
 def load_model(args) -> Llama:
-    from meteora_jax import checkpoint
+    from convert.hf_llama import smollm2_gguf
+    from meteora_jax.api import load_model as load
 
     if sum(bool(x) for x in (args.checkpoint, args.base, args.smollm2)) != 1:
         raise SystemExit("error: give exactly one of --checkpoint, --base, --smollm2")
-    if args.adapters and args.checkpoint:
-        raise SystemExit("error: --adapters attach to --base or --smollm2, not to --checkpoint")
-    if args.checkpoint:
-        model = checkpoint.load(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
-    else:
-        from convert.hf_llama import smollm2_gguf
-        from meteora_jax.api import from_pretrained
-
-        model = from_pretrained(args.base or smollm2_gguf(), args.adapters, dtype=args.dtype)
-    routing = {k: v for k, v in (("top_k", args.top_k), ("temperature", args.temperature), ("routing", args.routing),
-                                 ("strategy", args.strategy)) if v is not None}
-    if args.no_adapters:
-        routing["adapters_enabled"] = False
-    if args.forced_expert is not None:
-        names = getattr(model, "meteora_config", None) and model.meteora_config.expert_names
-        e = args.forced_expert
-        if not names or (e not in names and not (e.isdigit() and int(e) < len(names))):
-            raise SystemExit(f"error: --forced-expert {e!r} is not an expert name or index; experts: {names}")
-        routing["forced_expert"] = names.index(e) if e in names else int(e)
-    if (routing or args.oracle) and not isinstance(model, MeteoraLlama):
-        raise SystemExit("error: routing options need a MeteoRA model; this one has no experts")
-    return set_routing(model, **routing) if routing else model
+    try:
+        model = load(checkpoint=args.checkpoint, base=args.base or (smollm2_gguf() if args.smollm2 else None),
+                     adapters=args.adapters, dtype=args.dtype, top_k=args.top_k, temperature=args.temperature,
+                     routing=args.routing, strategy=args.strategy, forced_expert=args.forced_expert,
+                     adapters_enabled=False if args.no_adapters else None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.oracle and not isinstance(model, MeteoraLlama):
+        raise SystemExit("error: --oracle needs a MeteoRA model; this one has no experts")
+    return model
 
 
 def _model_info(model: Llama, args) -> dict:

@@ -473,46 +473,16 @@ def build_parser():
 
 
 def _load_model(args):
-    from meteora_jax import checkpoint
-    from meteora_jax.meteora import MeteoraLlama, set_routing
+    from convert.hf_llama import smollm2_gguf
+    from meteora_jax.api import load_model
 
-    sources = [x for x in (args.checkpoint, args.base, args.smollm2 or None) if x]
-    if len(sources) != 1:
+    if sum(bool(x) for x in (args.checkpoint, args.base, args.smollm2)) != 1:
         raise SystemExit("error: give exactly one of --checkpoint, --base, --smollm2")
-    if args.adapters and args.checkpoint:
-        raise SystemExit("error: --adapters attach to --base or --smollm2, not to --checkpoint")
-    if args.checkpoint:
-        model = checkpoint.load(args.checkpoint, dtype=args.dtype, param_dtype=args.dtype)
-    else:
-        from convert.hf_llama import smollm2_gguf
-
-        try:
-            from meteora_jax.api import from_pretrained
-        except ImportError:
-            raise SystemExit("error: --base needs meteora_jax.from_pretrained, missing in this version") from None
-        base = args.base or smollm2_gguf()
-        model = from_pretrained(base, args.adapters, dtype=args.dtype)
-    routing = {k: v for k, v in (("strategy", args.strategy), ("top_k", args.routing_top_k),
-                                 ("temperature", args.routing_temperature)) if v is not None}
-    if args.no_adapters:
-        routing["adapters_enabled"] = False
-    if args.expert is not None:
-        routing["forced_expert"] = args.expert
-    if not isinstance(model, MeteoraLlama):
-        if routing:
-            raise SystemExit(f"error: {sorted(routing)} need a MeteoRA model; this one has no experts")
-        return model
-    names = model.meteora_config.expert_names
-    if "forced_expert" in routing:
-        e = routing["forced_expert"]
-        if e in names:
-            routing["forced_expert"] = names.index(e)
-        elif e.isdigit() and int(e) < len(names):
-            routing["forced_expert"] = int(e)
-        else:
-            raise SystemExit(f"error: --expert {e!r} is not an expert name or index; experts: {list(names)}")
     try:
-        return set_routing(model, **routing)
+        return load_model(checkpoint=args.checkpoint, base=args.base or (smollm2_gguf() if args.smollm2 else None),
+                          adapters=args.adapters, dtype=args.dtype, strategy=args.strategy,
+                          top_k=args.routing_top_k, temperature=args.routing_temperature, forced_expert=args.expert,
+                          adapters_enabled=False if args.no_adapters else None)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
