@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One warm GPU lease, many jobs: run from the project root on the device machine, after the SmolLM2 GGUF was
+# assembled under /tmp/m and the carried wheels installed into /tmp/site (experiments/reproduce/README.md).
+#   start:  mkdir -p /tmp/res && echo start > /tmp/res/running && setsid bash experiments/device_session.sh JOB... </dev/null >/dev/null 2>&1 &
+#   watch:  bash experiments/device_session.sh --wait SECONDS   (then tar /tmp/res into $OUT)
+# The jobs run one after another from a private copy of the tree (/tmp/proj: the device tool lays the repo copy
+# anew on every call), each logging to /tmp/res/JOB.log and its start/end to /tmp/res/progress; a job's results
+# land in /tmp/res. A later call of the device tool can wait on them while the machine stays warm.
+# Jobs: train_bench, repro, kernels_test, layer_bench, generate_bench.
+set -u
+RES=/tmp/res
+if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
+  end=$(( $(date +%s) + ${2:-540} ))
+  while [ -e "$RES/running" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  cat "$RES/progress"; [ -e "$RES/running" ] && echo "(still running: $(cat "$RES/running"))"
+  exit 0
+fi
+mkdir -p "$RES" && rm -rf /tmp/proj && cp -a . /tmp/proj && rm -rf /tmp/proj/.devcarry/smollm2 && cd /tmp/proj
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/proj JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
+run() {  # run NAME CMD...: log, time and record one job
+  local name=$1; shift
+  echo "$name" > "$RES/running"
+  echo "== $name start $(date +%T)" >> "$RES/progress"
+  "$@" > "$RES/$name.log" 2>&1
+  echo "== $name rc=$? end $(date +%T)" >> "$RES/progress"
+}
+for job in "$@"; do
+  case $job in
+    train_bench) run train_bench python3 experiments/bench_train.py --shapes smollm2 --batch 8 --seq 512 \
+                   --strategies gather,dense,fused --out "$RES/train_bench" ;;
+    repro) run repro python3 experiments/reproduce/pipeline.py --work /tmp/repro --data-from .devcarry/repro/data \
+             --base "$GGUF" ${REPRO_ARGS:-}
+           mkdir -p "$RES/repro_results" && cp -r /tmp/repro/results/. /tmp/repro/commands.jsonl "$RES/repro_results/" ;;
+    kernels_test) run kernels_test python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
+    layer_bench) run layer_bench python3 experiments/bench_layer.py --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
+    generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
+                      ${GENERATE_ARGS:-} ;;
+    *) echo "== unknown job $job" >> "$RES/progress" ;;
+  esac
+done
+rm -f "$RES/running"
