@@ -128,9 +128,10 @@ def jax_part(args, emit, deadline):
 
     from meteora_jax.config import LlamaConfig
     from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, base_model, set_routing
+    from meteora_jax.packed import pack_projections
     from meteora_jax.strategies import STRATEGIES
 
-    strategies = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
+    strategies = list(STRATEGIES) + ["packed"] if args.strategies == "all" else args.strategies.split(",")
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")
     emit({"kind": "device", "jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform})
@@ -141,10 +142,15 @@ def jax_part(args, emit, deadline):
         t = time.perf_counter()
         meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
         models = {"base": base_model(meteora)}  # the same base weights, plain linears
-        jax.block_until_ready(nnx.state(meteora))
+        if "packed" in strategies:  # packed copies (new concatenated weights; the originals stay for the others)
+            models["base-packed"] = pack_projections(nnx.merge(*nnx.split(models["base"])))
+            models["packed"] = pack_projections(nnx.merge(*nnx.split(meteora)))
+        jax.block_until_ready((nnx.state(meteora), [nnx.state(m) for m in models.values()]))
         emit({"kind": "built", "shape": shape_name, "seconds": time.perf_counter() - t})
-        variants = ["base"] + [s for s in strategies if s != "loop"] + (["loop"] if "loop" in strategies else [])
-        model_of = lambda v, m=meteora, b=models["base"]: b if v == "base" else set_routing(m, strategy=v)
+        variants = (["base"] + (["base-packed", "packed"] if "packed" in strategies else [])
+                    + [s for s in strategies if s not in ("loop", "packed")]
+                    + (["loop"] if "loop" in strategies else []))
+        model_of = lambda v, m=meteora, ms=models: ms[v] if v in ms else set_routing(m, strategy=v)
         for batch in [int(b) for b in args.batches.split(",")]:
             for v in variants:
                 if v == "loop" and batch > args.loop_max_batch:
@@ -362,18 +368,19 @@ def render_md(meta, records):
              "greedy, no EOS; the number of decode steps of each record is in the JSON (`steps`, `new`).", ""]
     shapes = sorted({r["shape"] for r in dec}, key=lambda s: list(SHAPES).index(s))
     batches = sorted({r["batch"] for r in dec})
-    lines += ["## Decode (ours, `lax.while_loop`): tokens/s, ms per step, step time / base", "",
+    lines += ["## Decode (ours, `lax.while_loop`): tokens/s, ms per step, step time / base (`packed` / `base-packed`)",
+              "",
               "| shape | variant | " + " | ".join(f"batch {b}" for b in batches) + " |",
               "|---|---|" + "---|" * len(batches)]
     for sh in shapes:
         for v in dict.fromkeys(r["variant"] for r in dec if r["shape"] == sh):
             cells = []
             for b in batches:
-                r, base = get.get((sh, v, b)), get.get((sh, "base", b))
+                r, base = get.get((sh, v, b)), get.get((sh, "base-packed" if v == "packed" else "base", b))
                 if r is None:
                     cells.append("-")
                     continue
-                ratio = f", {r['step_ms'] / base['step_ms']:.2f}x" if base and v != "base" else ""
+                ratio = f", {r['step_ms'] / base['step_ms']:.2f}x" if base and not v.startswith("base") else ""
                 cells.append(f"{_fmt(r['tokens_per_s'])} tok/s, {r['step_ms']:.2f} ms{ratio}")
             lines.append(f"| {sh} | {v} | " + " | ".join(cells) + " |")
     for sh in shapes:
@@ -418,9 +425,10 @@ def targets(records):
     out = []
     for sh in dict.fromkeys(k[0] for k in dec):
         for b in (1, 16):
-            base = dec.get((sh, "base", b))
-            ratios = {v: r["step_ms"] / base["step_ms"] for (s, v, bb), r in dec.items()
-                      if s == sh and bb == b and v != "base" and base}
+            base = {v: dec.get((sh, v, b)) for v in ("base", "base-packed")}
+            ref = lambda v, base=base: base["base-packed" if v == "packed" else "base"]  # like with like
+            ratios = {v: r["step_ms"] / ref(v)["step_ms"] for (s, v, bb), r in dec.items()
+                      if s == sh and bb == b and not v.startswith("base") and ref(v)}
             if ratios:
                 best = min(ratios, key=ratios.get)
                 ok = "met" if ratios[best] <= 1.25 else "NOT met"
@@ -428,14 +436,14 @@ def targets(records):
                            f"{ratios[best]:.2f}x: **{ok}** (" + ", ".join(f"{v} {x:.2f}x" for v, x in ratios.items())
                            + ")")
     sh = "llama3-8b"
-    met = {v: r["tokens_per_s"] for (s, v, b), r in dec.items() if s == sh and b == 1 and v != "base"}
+    met = {v: r["tokens_per_s"] for (s, v, b), r in dec.items() if s == sh and b == 1 and not v.startswith("base")}
     if met:
         best = max(met, key=met.get)
         out.append(f"- {sh}, batch 1: MeteoRA >= 120 tokens/s (decode loop): best {best} {met[best]:.1f}: "
                    f"**{'met' if met[best] >= 120 else 'NOT met'}**")
     for sh2 in dict.fromkeys(k[0] for k in gen):
         ours = {v: r["tokens_per_s"] for (s, v), r in gen.items() if s == sh2 and r["kind"] == "generate"
-                and v != "base"}
+                and not v.startswith("base")}
         if not ours:
             continue
         best = max(ours, key=ours.get)

@@ -99,13 +99,19 @@ def from_pretrained(base: str | os.PathLike | Llama, adapters: Sequence[str | os
 
 
 def load_model(*, checkpoint: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
-               adapters: Sequence[str | os.PathLike] | None = None, dtype: str | None = None, **routing) -> Llama:
+               adapters: Sequence[str | os.PathLike] | None = None, dtype: str | None = None, pack: bool = False,
+               **routing) -> Llama:
     """The model a command line names: exactly one of `checkpoint` (meteora-jax) or `base` (Hugging Face folder
-    or .gguf, with `adapters` attached); routing options given as None are left unchanged. ValueError on bad
-    input, with the reason."""
+    or .gguf, with `adapters` attached); routing options given as None are left unchanged. `pack`: pack the
+    projections for inference (`meteora_jax.packed`). ValueError on bad input, with the reason."""
     if (checkpoint is None) == (base is None):
         raise ValueError("give exactly one of a checkpoint or a base model")
     if adapters and checkpoint is not None:
         raise ValueError("adapters attach to a base model, not to a checkpoint")
     routing = {k: v for k, v in routing.items() if v is not None}
-    return from_pretrained(checkpoint if checkpoint is not None else base, adapters or None, dtype=dtype, **routing)
+    model = from_pretrained(checkpoint if checkpoint is not None else base, adapters or None, dtype=dtype, **routing)
+    if pack:
+        from meteora_jax.packed import pack_projections
+
+        pack_projections(model)
+    return model

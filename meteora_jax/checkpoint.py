@@ -78,6 +78,11 @@ def model_metadata(model: Llama) -> dict[str, Any]:
 
 def save(path: str | os.PathLike, model: Llama, *, overwrite: bool = False) -> Path:
     """Save `model` (all its nnx state) and its config to the folder `path`. Returns the absolute path."""
+    from meteora_jax.packed import is_packed
+
+    if is_packed(model):
+        raise ValueError(f"not saving to {path}: the model is packed for inference (meteora_jax.packed); "
+                         "save the model before packing it")
     meta = model_metadata(model)
     state = nnx.state(model)
 

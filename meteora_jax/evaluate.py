@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, help="routing softmax temperature")
     r.add_argument("--routing", choices=["topk_softmax", "softmax_topk"])
     r.add_argument("--strategy", help="adapter-term strategy (loop, gather, dense, ...)")
+    r.add_argument("--pack", action="store_true", help="pack the projections for inference (meteora_jax.packed: "
+                   "one product per q/k/v, o, gate/up, down; --strategy is then ignored)")
     r.add_argument("--forced-expert", help="route every token to this expert (name or index): one LoRA, as PEFT")
     r.add_argument("--oracle", action="store_true", help="answer each task with the expert named like it forced")
     r.add_argument("--no-adapters", action="store_true", help="adapters off: exactly the base model")
@@ -385,7 +387,7 @@ def load_model(args) -> Llama:
         model = load(checkpoint=args.checkpoint, base=args.base or (smollm2_gguf() if args.smollm2 else None),
                      adapters=args.adapters, dtype=args.dtype, top_k=args.top_k, temperature=args.temperature,
                      routing=args.routing, strategy=args.strategy, forced_expert=args.forced_expert,
-                     adapters_enabled=False if args.no_adapters else None)
+                     adapters_enabled=False if args.no_adapters else None, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.oracle and not isinstance(model, MeteoraLlama):

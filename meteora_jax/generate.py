@@ -455,6 +455,9 @@ def build_parser():
                                                "buckets of the longest prompt and --max-new-tokens")
     r = p.add_argument_group("MeteoRA routing (MeteoRA models only)")
     r.add_argument("--strategy", help="adapter-term strategy: loop, gather, dense, or a registered kernel")
+    r.add_argument("--pack", action="store_true", help="pack q/k/v, o, gate/up and down into one product each, "
+                   "adapters folded into the base product (meteora_jax.packed; faster decoding; --strategy is "
+                   "then ignored)")
     r.add_argument("--routing-top-k", type=int, help="experts per token (k)")
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
     r.add_argument("--expert", help="force every token to this expert (name or index), weight 1")
@@ -482,7 +485,7 @@ def _load_model(args):
         return load_model(checkpoint=args.checkpoint, base=args.base or (smollm2_gguf() if args.smollm2 else None),
                           adapters=args.adapters, dtype=args.dtype, strategy=args.strategy,
                           top_k=args.routing_top_k, temperature=args.routing_temperature, forced_expert=args.expert,
-                          adapters_enabled=False if args.no_adapters else None)
+                          adapters_enabled=False if args.no_adapters else None, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -13,6 +13,10 @@ validity mask `[B, S]` and the write index): the new keys and values are written
 `[index, index + T)`, queries attend to every valid cached key at or before their own slot, and the
 updated cache comes back in `LlamaOutput.cache`. Without a cache the call is unchanged.
 
+For inference, `meteora_jax.packed.pack_projections` replaces the linears that read one input (q/k/v, gate/up,
+and o, down alone) by one packed projection each (`packed_qkv`, `packed_o`, `packed_gate_up`, `packed_down`):
+one matrix product instead of several. The layers call a packed projection when it is there.
+
 Weights are stored as `[in, out]` kernels (Hugging Face stores `[out, in]`; the converter transposes).
 Module and attribute names follow Hugging Face's so that checkpoint keys map one to one.
 """
@@ -113,6 +117,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 # ----------------------------------------------------------------------------------------- blocks
+def project(parent: nnx.Module, packed: str, names: tuple[str, ...], x: jax.Array, aux: dict) -> list[jax.Array]:
+    """The outputs of the linears `names` of `parent` on one input `x`, through the packed projection
+    `parent.<packed>` when packing made one; their aux (routing) go into `aux` under the linears' names."""
+    group = getattr(parent, packed, None)
+    if group is not None:
+        outs, routings = group(x)
+        aux.update(routings)
+        return outs
+    outs = []
+    for name in names:
+        y, aux[name] = getattr(parent, name)(x)
+        outs.append(y)
+    return outs
+
+
 def _make_linears(names, shapes, use_bias, layer, config, factory, rngs):
     return {n: factory(i, o, use_bias=use_bias, name=n, layer=layer, config=config, rngs=rngs)
             for n, (i, o) in zip(names, shapes, strict=True)}
@@ -126,14 +145,13 @@ class Attention(nnx.Module):
         shapes = [(c.hidden_size, q), (c.hidden_size, kv), (c.hidden_size, kv), (q, c.hidden_size)]
         for name, mod in _make_linears(ATTN_MODULES, shapes, c.attention_bias, layer, c, factory, rngs).items():
             setattr(self, name, mod)
+        self.packed_qkv = self.packed_o = None  # set by meteora_jax.packed.pack_projections
 
     def __call__(self, x, positions, mask, inv_freq, aux: dict, kv=None):
         """`x [B, T, hidden]`, `mask [B, T, S]` (S = T, or the cache length with `kv = (k, v, index)`,
         `k`/`v [B, S, Hkv, D]`). Returns `y` and, with `kv`, the updated `(k, v)`."""
         b, t, _ = x.shape
-        q, aux["q_proj"] = self.q_proj(x)
-        k, aux["k_proj"] = self.k_proj(x)
-        v, aux["v_proj"] = self.v_proj(x)
+        q, k, v = project(self, "packed_qkv", ("q_proj", "k_proj", "v_proj"), x, aux)
         g = self.num_heads // self.num_kv_heads
         q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
@@ -149,7 +167,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-        y, aux["o_proj"] = self.o_proj(out)
+        (y,) = project(self, "packed_o", ("o_proj",), out, aux)
         return y if kv is None else (y, kv)
 
 
@@ -159,11 +177,11 @@ class MLP(nnx.Module):
         shapes = [(c.hidden_size, c.intermediate_size)] * 2 + [(c.intermediate_size, c.hidden_size)]
         for name, mod in _make_linears(MLP_MODULES, shapes, c.mlp_bias, layer, c, factory, rngs).items():
             setattr(self, name, mod)
+        self.packed_gate_up = self.packed_down = None  # set by meteora_jax.packed.pack_projections
 
     def __call__(self, x, aux: dict):
-        gate, aux["gate_proj"] = self.gate_proj(x)
-        up, aux["up_proj"] = self.up_proj(x)
-        y, aux["down_proj"] = self.down_proj(jax.nn.silu(gate) * up)
+        gate, up = project(self, "packed_gate_up", ("gate_proj", "up_proj"), x, aux)
+        (y,) = project(self, "packed_down", ("down_proj",), jax.nn.silu(gate) * up, aux)
         return y
 
 

@@ -222,6 +222,10 @@ def set_routing(model: MeteoraLlama, **changes) -> MeteoraLlama:
     model.meteora_config = model.meteora_config.replace(**changes)
     for _, _, lin in meteora_linears(model):
         lin.set_routing(model.meteora_config)
+    from meteora_jax.packed import packed_projections
+
+    for group in packed_projections(model):
+        group.set_routing(model.meteora_config)
     return model
 
 

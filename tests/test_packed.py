@@ -1,0 +1,153 @@
+"""Packed projections (meteora_jax.packed) against the unpacked model with the `loop` strategy, transformers,
+and transformers + PEFT `generate`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import hf_logits, left_padded_batch, make_hf_llama
+from flax import nnx
+from test_generate import PROMPTS, hf_generate, peft_tiny, random_meteora
+
+from convert.hf_llama import load_hf_llama
+from meteora_jax import checkpoint
+from meteora_jax import generate as gen
+from meteora_jax.api import load_model
+from meteora_jax.config import LlamaConfig
+from meteora_jax.llama import TARGET_MODULES, Linear, Llama
+from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, set_routing
+from meteora_jax.packed import PackedProjection, is_packed, pack_projections
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = make_hf_llama("llama3", seed=5)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return load_hf_llama(folder), hf, folder
+
+
+def copy(model):
+    """An independent module graph over the same arrays (packing one leaves the other as it was)."""
+    return nnx.merge(*nnx.split(model))
+
+
+def assert_same_routing(aux_ref, aux, modules):
+    assert sorted(aux) == sorted(modules)
+    for m in modules:
+        np.testing.assert_array_equal(np.asarray(aux[m].experts), np.asarray(aux_ref[m].experts), err_msg=m)
+        np.testing.assert_allclose(aux[m].weights, aux_ref[m].weights, rtol=1e-5, atol=1e-6, err_msg=m)
+        np.testing.assert_allclose(aux[m].logits, aux_ref[m].logits, rtol=1e-5, atol=1e-5, err_msg=m)
+
+
+CASES = [
+    dict(top_k=2, temperature=2.0),
+    dict(top_k=1),
+    dict(top_k=3, routing="softmax_topk", temperature=0.7),
+    dict(top_k=2, target_modules=("q_proj", "v_proj", "down_proj"), bias=True),
+    dict(top_k=2, target_modules=("k_proj", "gate_proj", "o_proj"), rank=5, experts=6),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_packed_forward_equals_unpacked_loop(case):
+    case = dict(case)
+    bias, e, r = case.pop("bias", False), case.pop("experts", 4), case.pop("rank", 3)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, attention_bias=bias, mlp_bias=bias, dtype="float32",
+                      param_dtype="float32")
+    mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(e)), r, strategy="loop", **case)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    ref = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(seed))
+    packed = pack_projections(copy(ref))
+    assert is_packed(packed) and not is_packed(ref)
+    assert all(getattr(layer.self_attn, m) is None for layer in packed.layers for m in TARGET_MODULES[:4])
+    tokens, mask = left_padded_batch(np.random.default_rng(seed), cfg.vocab_size, lengths=(9, 5, 2), total=9)
+    want, got = ref(jnp.asarray(tokens), jnp.asarray(mask)), packed(jnp.asarray(tokens), jnp.asarray(mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got.logits)[real], np.asarray(want.logits)[real], rtol=1e-5, atol=1e-5)
+    assert_same_routing(want.aux, got.aux, mcfg.target_modules)
+    # routing options still apply after packing, as they do unpacked
+    for change in (dict(forced_expert=e - 1), dict(forced_expert=None, top_k=1), dict(adapters_enabled=False)):
+        set_routing(ref, **change)
+        set_routing(packed, **change)
+        w, g = ref(jnp.asarray(tokens), jnp.asarray(mask)), packed(jnp.asarray(tokens), jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(g.logits)[real], np.asarray(w.logits)[real], rtol=1e-5, atol=1e-5)
+        assert sorted(g.aux) == sorted(w.aux)
+
+
+def test_packed_base_equals_transformers(tiny):
+    _, hf, folder = tiny
+    ours = pack_projections(load_hf_llama(folder))
+    tokens, mask = left_padded_batch(np.random.default_rng(), 128)
+    got = np.asarray(ours(jnp.asarray(tokens), jnp.asarray(mask)).logits)
+    want = hf_logits(hf, tokens, mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_packed_forced_expert_equals_peft_generate(tiny):
+    peft, ours = peft_tiny(tiny)
+    pack_projections(ours)
+    n = 8
+    for expert, name in ((0, "a"), (1, "b")):
+        peft.set_adapter(name)
+        set_routing(ours, forced_expert=expert)
+        res = gen.generate(ours, PROMPTS, max_new_tokens=n, trace=True)
+        assert res.tokens == [hf_generate(peft, p, n) for p in PROMPTS], name
+        assert all((e == expert).all() for e in res.trace.experts)
+    with peft.disable_adapter():
+        set_routing(ours, forced_expert=None, adapters_enabled=False)
+        assert gen.generate(ours, PROMPTS, max_new_tokens=n).tokens == [hf_generate(peft, p, n) for p in PROMPTS]
+
+
+def test_packed_generate_and_trace_equal_unpacked(tiny):
+    ref = random_meteora(tiny[0], seed=int(np.random.default_rng().integers(1000)), top_k=2, temperature=3.0)
+    packed = pack_projections(copy(ref))
+    want = gen.generate(ref, PROMPTS, max_new_tokens=9, trace=True)
+    got = gen.generate(packed, PROMPTS, max_new_tokens=9, trace=True)
+    assert got.tokens == want.tokens
+    for i in range(len(PROMPTS)):
+        np.testing.assert_array_equal(got.trace.experts[i], want.trace.experts[i])
+        np.testing.assert_allclose(got.trace.weights[i], want.trace.weights[i], atol=2e-4)
+
+
+def test_packed_bf16_as_close_to_fp32_as_unpacked():
+    """In bf16 both paths round; the packed one (one f32 accumulation) is no further from the fp32 result."""
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16)
+    mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(5)), 4, forced_expert=2)  # forced: no bf16 routing ties
+    seed = int(np.random.default_rng().integers(1 << 30))
+    f32 = MeteoraLlama(LlamaConfig(**kw, dtype="float32", param_dtype="float32"), mcfg, rngs=nnx.Rngs(seed))
+    bf = MeteoraLlama(LlamaConfig(**kw, dtype="bfloat16", param_dtype="bfloat16"), mcfg, rngs=nnx.Rngs(seed))
+    weights = jax.tree.map(lambda mine, v: v.astype(mine.dtype), nnx.state(bf), nnx.state(f32))
+    nnx.update(bf, weights)
+    nnx.update(f32, jax.tree.map(lambda v: v.astype(jnp.float32), weights))  # the same (bf16) values in fp32
+    packed = pack_projections(copy(bf))
+    tokens = jax.random.randint(jax.random.key(seed), (2, 11), 0, kw["vocab_size"])
+    ref, unpacked, got = (np.asarray(m(tokens).logits) for m in (f32, bf, packed))
+    assert np.abs(got - ref).max() <= 1.25 * np.abs(unpacked - ref).max() + 2e-3
+
+
+def test_load_model_pack_and_refusals(tiny, tmp_path):
+    model = random_meteora(tiny[0], seed=1)
+    checkpoint.save(tmp_path / "ckpt", model)
+    packed = load_model(checkpoint=tmp_path / "ckpt", pack=True, top_k=1)
+    assert is_packed(packed) and isinstance(packed, MeteoraLlama)
+    tokens = jnp.asarray([PROMPTS[0]])
+    np.testing.assert_allclose(packed(tokens).logits, set_routing(model, top_k=1)(tokens).logits, rtol=1e-5,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="packed"):
+        checkpoint.save(tmp_path / "again", packed)
+    assert not (tmp_path / "again").exists()
+    with pytest.raises(ValueError, match="already packed"):
+        pack_projections(packed)
+
+    class Odd(Linear):
+        pass
+
+    odd = Odd(4, 3, use_bias=False, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="cannot pack x: a Odd"):
+        PackedProjection({"x": odd})
+    base = Llama(tiny[0].config, rngs=nnx.Rngs(0))
+    assert not is_packed(base)
