@@ -4,7 +4,8 @@ Random weights (bf16) of the named shapes. For each shape:
 
 - ours, decode: `meteora_jax.generate._decode` (the program `generate` runs) for `--steps` tokens after a
   `--prompt`-token context, at each `--batches` size, for the base Llama and for MeteoRA (E experts of rank
-  r, top-k, all seven modules) with each strategy; tokens/s = batch x steps / time, and the time per step;
+  r, top-k, all seven modules) with each strategy, and packed (`meteora_jax.packed`: `packed` against the
+  equally packed base, `base-packed`); tokens/s = batch x steps / time, and the time per step;
 - ours, prefill: `_prefill` of `--prompt` tokens at batch 1 and of `--prefill-len` tokens (tokens/s);
 - ours, end to end: `generate()` at batch 1, `--prompt` tokens in, `--steps` out (greedy, no EOS);
 - transformers + PEFT (one LoRA of rank r on all seven modules), batch 1, the same prompt: `generate` eager
