@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,24 +39,37 @@ class Sample:
         return tuple(dict.fromkeys(t for _, t, _ in self.segments))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """`{"prompt", "response"}` records; malformed lines raise `DataError` naming file and line."""
+def read_json_lines(path: str | os.PathLike, parse: Callable[[Any], Any], expected: str) -> list:
+    """`parse(record)` of every non-blank line of a JSONL file. A line that is not JSON, or that `parse` rejects
+    (KeyError, TypeError or ValueError), raises `DataError` naming the file, the line and what was `expected`;
+    so does a file without lines."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("response"), str):
-                raise DataError(f'{path}:{n}: expected an object with string "prompt" and "response"')
-            rows.append(row)
+            try:
+                rows.append(parse(record))
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{path}:{n}: expected {expected} ({e})") from None
     if not rows:
         raise DataError(f"{path}: empty (no samples)")
     return rows
+
+
+def _prompt_response(row: Any) -> dict:
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+        raise TypeError(f"got {str(row)[:80]}")
+    return row
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """`{"prompt", "response"}` records; malformed lines raise `DataError` naming file and line."""
+    return read_json_lines(path, _prompt_response, 'an object with string "prompt" and "response"')
 
 
 def load_tasks(data_dir: str | os.PathLike, expert_names: Sequence[str], split: str,

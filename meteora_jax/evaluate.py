@@ -94,23 +94,16 @@ def read_composite(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise data_lib.DataError(f"{path}: missing")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                segs = [(str(t), str(task), bool(resp)) for t, task, resp in r["segments"]]
-                prompt_tasks = [task for _, task, resp in segs if not resp]
-                if len(r["references"]) != len(prompt_tasks) or len(r["choices"]) != len(prompt_tasks):
-                    raise ValueError("references/choices do not match the sub-questions")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise data_lib.DataError(f"{path}:{n}: expected a composite line with 'segments' "
-                                         f"[[text, task, is_response], ...], 'references', 'choices' ({e})") from None
-            rows.append({**r, "segments": segs, "sub_tasks": prompt_tasks})
-    if not rows:
-        raise data_lib.DataError(f"{path}: empty (no samples)")
+
+    def parse(r: dict) -> dict:
+        segs = [(str(t), str(task), bool(resp)) for t, task, resp in r["segments"]]
+        prompt_tasks = [task for _, task, resp in segs if not resp]
+        if len(r["references"]) != len(prompt_tasks) or len(r["choices"]) != len(prompt_tasks):
+            raise ValueError("references/choices do not match the sub-questions")
+        return {**r, "segments": segs, "sub_tasks": prompt_tasks}
+
+    rows = data_lib.read_json_lines(path, parse, "a composite line with 'segments' [[text, task, is_response], "
+                                                 "...], 'references', 'choices'")
     return rows[:limit]
 
 

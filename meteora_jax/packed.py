@@ -128,15 +128,14 @@ class PackedProjection(nnx.Module):
         return [o.reshape(*lead, -1) for o in outs], routings
 
 
-def is_packed(model: Llama) -> bool:
-    """Whether `pack_projections` has packed this model."""
-    return any(getattr(getattr(layer, part), attr, None) is not None
-               for layer in model.layers for part, attr, _ in GROUPS)
-
-
 def packed_projections(model: Llama) -> list[PackedProjection]:
     return [p for layer in model.layers for part, attr, _ in GROUPS
             if (p := getattr(getattr(layer, part), attr, None)) is not None]
+
+
+def is_packed(model: Llama) -> bool:
+    """Whether `pack_projections` has packed this model."""
+    return bool(packed_projections(model))
 
 
 def pack_projections(model: Llama) -> Llama:

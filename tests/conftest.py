@@ -38,6 +38,17 @@ def make_hf_llama(kind: str = "llama2", seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="module")
+def tiny_llama3(tmp_path_factory):
+    """(our Llama, transformers model, folder) of a tiny random llama3-style model (GQA, tied, llama3 rope)."""
+    from convert.hf_llama import load_hf_llama
+
+    hf = make_hf_llama("llama3", seed=5)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    return load_hf_llama(folder), hf, folder
+
+
 @pytest.fixture(params=["llama2", "llama3"])
 def hf_llama_dir(request, tmp_path):
     """(folder, transformers model) saved as one safetensors file."""

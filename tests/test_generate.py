@@ -7,25 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import left_padded_batch, make_hf_llama
+from conftest import left_padded_batch
 from flax import nnx
 
-from convert.hf_llama import load_hf_llama
 from meteora_jax import generate as gen
 from meteora_jax.llama import TARGET_MODULES, init_cache
 from meteora_jax.meteora import ExpertWeights, MeteoraConfig, attach_experts, set_routing
 from meteora_jax.trace import expert_mass, render_terminal, save_png
 
 R, ALPHA = 4, 8.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(our Llama, transformers model, folder) of a tiny random llama3-style model (GQA, tied, llama3 rope)."""
-    hf = make_hf_llama("llama3", seed=5)
-    folder = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(folder)
-    return load_hf_llama(folder), hf, folder
 
 
 def random_meteora(base, seed=0, num_experts=3, **routing):
@@ -46,8 +36,8 @@ def random_meteora(base, seed=0, num_experts=3, **routing):
 
 # --------------------------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("meteora", [False, True])
-def test_cached_decode_equals_full_forward(tiny, meteora):
-    model = random_meteora(tiny[0], top_k=2, temperature=2.0) if meteora else tiny[0]
+def test_cached_decode_equals_full_forward(tiny_llama3, meteora):
+    model = random_meteora(tiny_llama3[0], top_k=2, temperature=2.0) if meteora else tiny_llama3[0]
     rng = np.random.default_rng(7)
     tokens, mask = left_padded_batch(rng, 128, lengths=(6, 3, 1), total=6)
     more = rng.integers(1, 128, size=(3, 5))  # fed as 1 + 2 + 1 + 1 tokens
@@ -75,17 +65,17 @@ def test_cached_decode_equals_full_forward(tiny, meteora):
             np.testing.assert_array_equal(experts[:, sel], np.asarray(ref.aux[m].experts)[:, sel])
 
 
-def test_prompt_longer_than_cache_fails_before_compute(tiny, monkeypatch):
+def test_prompt_longer_than_cache_fails_before_compute(tiny_llama3, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("compute started")
 
     monkeypatch.setattr(gen, "_prefill", boom)
     with pytest.raises(ValueError, match=r"prompt 1 has 20 tokens.*max_len=16"):
-        gen.generate(tiny[0], [[3, 4], list(range(1, 21))], max_new_tokens=4, max_len=16)
+        gen.generate(tiny_llama3[0], [[3, 4], list(range(1, 21))], max_new_tokens=4, max_len=16)
     with pytest.raises(ValueError, match=r"prompt 0 has 10 tokens.*needs 18 cache slots"):
-        gen.generate(tiny[0], [list(range(1, 11))], max_new_tokens=8, max_len=16)
+        gen.generate(tiny_llama3[0], [list(range(1, 11))], max_new_tokens=8, max_len=16)
     with pytest.raises(ValueError, match="outside 0..127"):
-        gen.generate(tiny[0], [[1, 500]], max_new_tokens=2)
+        gen.generate(tiny_llama3[0], [[1, 500]], max_new_tokens=2)
 
 
 # ---------------------------------------------------------------------------------- vs transformers
@@ -98,12 +88,12 @@ def hf_generate(hf, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def peft_tiny(tiny):
+def peft_tiny(tiny_llama3):
     """PEFT model with adapters 'a', 'b' (random, all seven modules) and our MeteoraLlama built from them."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    base, _, folder = tiny
+    base, _, folder = tiny_llama3
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -130,8 +120,8 @@ def peft_tiny(tiny):
 PROMPTS = [[5, 17, 99, 3, 42, 8, 1], [77, 12], [9, 31, 64, 2, 110]]
 
 
-def test_forced_expert_equals_peft_generate(tiny):
-    peft, ours = peft_tiny(tiny)
+def test_forced_expert_equals_peft_generate(tiny_llama3):
+    peft, ours = peft_tiny(tiny_llama3)
     n = 8
     got = {}
     for expert, name, strategies in ((0, "a", ["gather"]), (1, "b", ["loop", "gather", "dense"])):
@@ -184,8 +174,8 @@ def test_smollm2_greedy_equals_transformers():
 
 
 # ------------------------------------------------------------------------------------ decode logic
-def test_batch_equals_one_at_a_time_with_trace(tiny):
-    model = random_meteora(tiny[0], seed=3, top_k=2, temperature=3.0)
+def test_batch_equals_one_at_a_time_with_trace(tiny_llama3):
+    model = random_meteora(tiny_llama3[0], seed=3, top_k=2, temperature=3.0)
     batch = gen.generate(model, PROMPTS, max_new_tokens=9, trace=True)
     for i, p in enumerate(PROMPTS):
         alone = gen.generate(model, [p], max_new_tokens=9, trace=True)
@@ -201,8 +191,8 @@ def test_batch_equals_one_at_a_time_with_trace(tiny):
         np.testing.assert_array_equal(batch.trace.experts[i], ref_e)
 
 
-def test_eos_and_stop_sequences(tiny):
-    model = tiny[0]
+def test_eos_and_stop_sequences(tiny_llama3):
+    model = tiny_llama3[0]
     free = gen.generate(model, PROMPTS, max_new_tokens=12, eos_token_ids=[]).tokens
     row = free[0]
     eos = row[4]
@@ -220,8 +210,8 @@ def test_eos_and_stop_sequences(tiny):
     assert gen.generate(model, PROMPTS, max_new_tokens=3, eos_token_ids=[]).tokens == [r[:3] for r in free]
 
 
-def test_sampling_reproducible_and_greedy_limits(tiny):
-    model = random_meteora(tiny[0], top_k=1)
+def test_sampling_reproducible_and_greedy_limits(tiny_llama3):
+    model = random_meteora(tiny_llama3[0], top_k=1)
     s = gen.Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=4)
     a = gen.generate(model, PROMPTS, max_new_tokens=10, sampling=s).tokens
     assert a == gen.generate(model, PROMPTS, max_new_tokens=10, sampling=s).tokens
@@ -258,9 +248,9 @@ def test_sampling_distribution_matches_formula(top_k, top_p):
     assert (np.abs(freq - p) <= 4.5 * sigma + 1e-9).all(), (freq, p)
 
 
-def test_streaming_callback_sees_every_token(tiny):
+def test_streaming_callback_sees_every_token(tiny_llama3):
     seen = []
-    res = gen.generate(tiny[0], PROMPTS, max_new_tokens=7, eos_token_ids=[],
+    res = gen.generate(tiny_llama3[0], PROMPTS, max_new_tokens=7, eos_token_ids=[],
                        on_token=lambda step, toks, active: seen.append((step, toks.copy(), active.copy())))
     assert [s for s, _, _ in seen] == list(range(7))
     for i in range(3):
@@ -269,8 +259,8 @@ def test_streaming_callback_sees_every_token(tiny):
 
 
 # --------------------------------------------------------------------------------------- rendering
-def test_trace_rendering(tiny, tmp_path):
-    model = random_meteora(tiny[0], seed=1, top_k=2)
+def test_trace_rendering(tiny_llama3, tmp_path):
+    model = random_meteora(tiny_llama3[0], seed=1, top_k=2)
     res = gen.generate(model, PROMPTS[:2], max_new_tokens=6, trace=True)
     t = res.trace
     e, w = t.experts[0], t.weights[0]
@@ -295,13 +285,13 @@ def test_trace_rendering(tiny, tmp_path):
         save_png(t, tmp_path / "trace.png", texts)
 
 
-def test_cli_help_and_run(tiny, tmp_path, capsys):
+def test_cli_help_and_run(tiny_llama3, tmp_path, capsys):
     parser = gen.build_parser()
     for action in parser._actions:
         assert action.help, action.option_strings
     from meteora_jax import checkpoint
 
-    model = random_meteora(tiny[0], seed=2, top_k=2)
+    model = random_meteora(tiny_llama3[0], seed=2, top_k=2)
     ckpt = checkpoint.save(tmp_path / "ckpt", model)
     tok_dir = tmp_path / "tok"
     _word_level_tokenizer(tok_dir)
@@ -340,8 +330,8 @@ def _word_level_tokenizer(folder):
     json.loads((folder / "tokenizer_config.json").read_text())
 
 
-def test_nnx_model_unchanged_by_generation(tiny):
-    model = random_meteora(tiny[0], seed=9)
+def test_nnx_model_unchanged_by_generation(tiny_llama3):
+    model = random_meteora(tiny_llama3[0], seed=9)
     before = jax.tree.map(np.asarray, nnx.state(model))
     gen.generate(model, PROMPTS, max_new_tokens=4, trace=True)
     after = jax.tree.map(np.asarray, nnx.state(model))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import hf_logits, left_padded_batch, make_hf_llama
+from conftest import hf_logits, left_padded_batch
 from flax import nnx
 from test_generate import PROMPTS, hf_generate, peft_tiny, random_meteora
 
@@ -17,14 +17,6 @@ from meteora_jax.config import LlamaConfig
 from meteora_jax.llama import TARGET_MODULES, Linear, Llama
 from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, set_routing
 from meteora_jax.packed import PackedProjection, is_packed, pack_projections
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    hf = make_hf_llama("llama3", seed=5)
-    folder = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(folder)
-    return load_hf_llama(folder), hf, folder
 
 
 def copy(model):
@@ -76,8 +68,8 @@ def test_packed_forward_equals_unpacked_loop(case):
         assert sorted(g.aux) == sorted(w.aux)
 
 
-def test_packed_base_equals_transformers(tiny):
-    _, hf, folder = tiny
+def test_packed_base_equals_transformers(tiny_llama3):
+    _, hf, folder = tiny_llama3
     ours = pack_projections(load_hf_llama(folder))
     tokens, mask = left_padded_batch(np.random.default_rng(), 128)
     got = np.asarray(ours(jnp.asarray(tokens), jnp.asarray(mask)).logits)
@@ -86,8 +78,8 @@ def test_packed_base_equals_transformers(tiny):
     np.testing.assert_allclose(got[real], want[real], rtol=1e-4, atol=1e-4)
 
 
-def test_packed_forced_expert_equals_peft_generate(tiny):
-    peft, ours = peft_tiny(tiny)
+def test_packed_forced_expert_equals_peft_generate(tiny_llama3):
+    peft, ours = peft_tiny(tiny_llama3)
     pack_projections(ours)
     n = 8
     for expert, name in ((0, "a"), (1, "b")):
@@ -101,8 +93,8 @@ def test_packed_forced_expert_equals_peft_generate(tiny):
         assert gen.generate(ours, PROMPTS, max_new_tokens=n).tokens == [hf_generate(peft, p, n) for p in PROMPTS]
 
 
-def test_packed_generate_and_trace_equal_unpacked(tiny):
-    ref = random_meteora(tiny[0], seed=int(np.random.default_rng().integers(1000)), top_k=2, temperature=3.0)
+def test_packed_generate_and_trace_equal_unpacked(tiny_llama3):
+    ref = random_meteora(tiny_llama3[0], seed=int(np.random.default_rng().integers(1000)), top_k=2, temperature=3.0)
     packed = pack_projections(copy(ref))
     want = gen.generate(ref, PROMPTS, max_new_tokens=9, trace=True)
     got = gen.generate(packed, PROMPTS, max_new_tokens=9, trace=True)
@@ -129,8 +121,8 @@ def test_packed_bf16_as_close_to_fp32_as_unpacked():
     assert np.abs(got - ref).max() <= 1.25 * np.abs(unpacked - ref).max() + 2e-3
 
 
-def test_load_model_pack_and_refusals(tiny, tmp_path):
-    model = random_meteora(tiny[0], seed=1)
+def test_load_model_pack_and_refusals(tiny_llama3, tmp_path):
+    model = random_meteora(tiny_llama3[0], seed=1)
     checkpoint.save(tmp_path / "ckpt", model)
     packed = load_model(checkpoint=tmp_path / "ckpt", pack=True, top_k=1)
     assert is_packed(packed) and isinstance(packed, MeteoraLlama)
@@ -149,5 +141,5 @@ def test_load_model_pack_and_refusals(tiny, tmp_path):
     odd = Odd(4, 3, use_bias=False, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="cannot pack x: a Odd"):
         PackedProjection({"x": odd})
-    base = Llama(tiny[0].config, rngs=nnx.Rngs(0))
+    base = Llama(tiny_llama3[0].config, rngs=nnx.Rngs(0))
     assert not is_packed(base)
