@@ -279,16 +279,27 @@ def has_auto_routing(model: Llama) -> bool:
 
 def routing_accuracy(model: MeteoraLlama, examples: Sequence[data_lib.Example], names: Sequence[str],
                      batch_size: int, pad_id: int) -> dict:
-    """Teacher-forced token routing accuracy per task label: `{"all": tally, "response": tally}` results."""
+    """Teacher-forced token routing accuracy per task label, as `RoutingTally.result`s.
+
+    `all` / `response`: per token, the fraction of (layer, module) gates whose top-1 expert is the token's task
+    (`metrics.token_routing_hits`), over all tokens / answer tokens; `dominant` / `dominant_response`: per
+    token, whether the expert with the most routing weight over all gates is its task
+    (`metrics.token_dominant_hits`)."""
     graphdef, state = nnx.split(model)
     plan = data_lib.BatchPlan(examples, batch_size, BUCKETS, 0, pad_id, drop_remainder=False, shuffle=False)
-    every, resp = metrics.RoutingTally(len(names)), metrics.RoutingTally(len(names))
+    tallies = {k: metrics.RoutingTally(len(names)) for k in ("all", "response", "dominant", "dominant_response")}
+    num_experts = len(model.meteora_config.expert_names)
     for batch in plan.one_pass():
-        e, _ = _routing_forward(graphdef, state, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))
-        hits = metrics.token_routing_hits(np.asarray(e), batch.task_ids)
-        every.add(hits, batch.task_ids)
-        resp.add(hits, np.where(batch.response, batch.task_ids, -1))
-    return {"all": every.result(names), "response": resp.result(names)}
+        e, w = _routing_forward(graphdef, state, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))
+        e, w = np.asarray(e), np.asarray(w)
+        answer = np.where(batch.response, batch.task_ids, -1)
+        gate_hits = metrics.token_routing_hits(e, batch.task_ids)
+        dominant_hits = metrics.token_dominant_hits(e, w, batch.task_ids, num_experts)
+        tallies["all"].add(gate_hits, batch.task_ids)
+        tallies["response"].add(gate_hits, answer)
+        tallies["dominant"].add(dominant_hits, batch.task_ids)
+        tallies["dominant_response"].add(dominant_hits, answer)
+    return {k: t.result(names) for k, t in tallies.items()}
 
 
 def save_trace(model: MeteoraLlama, tokenizer, ids: Sequence[int], prompt_len: int, path: str | Path,

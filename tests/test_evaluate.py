@@ -170,6 +170,27 @@ def test_routing_hits_and_tally():
         metrics.token_routing_hits(experts[..., 0], labels)
 
 
+def test_dominant_hits():
+    rng = np.random.default_rng()
+    b, t, layers, mods, k, e = 3, 9, 4, 5, 2, 6
+    experts = np.stack([np.stack([rng.choice(e, size=k, replace=False) for _ in range(b * t * layers * mods)])])
+    experts = experts.reshape(b, t, layers, mods, k)
+    weights = rng.random((b, t, layers, mods, k))
+    labels = rng.integers(-1, e, size=(b, t))
+    labels[0, 0] = experts[0, 0, 0, 0, 0]  # one token routed everywhere to its own label, with all the weight
+    experts[0, 0, ..., 0], weights[0, 0, ..., 0], weights[0, 0, ..., 1] = labels[0, 0], 1.0, 0.0
+    got = metrics.token_dominant_hits(experts, weights, labels, e)
+    for i in range(b):
+        for j in range(t):
+            mass = [sum(weights[i, j, l_, m, s] for l_ in range(layers) for m in range(mods) for s in range(k)
+                        if experts[i, j, l_, m, s] == x) for x in range(e)]
+            want = np.nan if labels[i, j] < 0 else float(int(np.argmax(mass)) == labels[i, j])
+            assert (np.isnan(got[i, j]) and np.isnan(want)) or got[i, j] == want
+    assert got[0, 0] == 1.0
+    with pytest.raises(ValueError, match="must both be labels"):
+        metrics.token_dominant_hits(experts, weights[..., :1], labels, e)
+
+
 # ------------------------------------------------------------------------------------ end to end (CLI)
 WORDS = {"colour": "red blue green pink grey gold teal cyan", "digits": "one two three four five six seven eight"}
 
@@ -272,6 +293,13 @@ def test_cli_end_to_end(tiny):
         hit = (top1 == t).mean(axis=(0, 1))  # [B, T]
         vals = [hit[i, j] for i, q in enumerate(seqs) for j in range(1, len(q))]  # BOS carries no task
         assert res["routing"]["all"]["per_task"][task] == pytest.approx(np.mean(vals), rel=1e-6)
+        mass = np.zeros((*ids.shape, len(names)))  # dominant expert: most routing weight over all gates
+        for m in aux:
+            ex, wt = np.asarray(aux[m].experts), np.asarray(aux[m].weights)  # [L, B, T, k]
+            for x in range(len(names)):
+                mass[..., x] += np.where(ex == x, wt, 0.0).sum(axis=(0, -1))
+        dom = [float(mass[i, j].argmax() == t) for i, q in enumerate(seqs) for j in range(1, len(q))]
+        assert res["routing"]["dominant"]["per_task"][task] == pytest.approx(np.mean(dom), rel=1e-6)
     c = res["composite"]["composite_2"]
     assert c["temperature"] == 5.0 and c["n"] == 2 and c["per_task"]["colour"]["n"] == 2
     set_routing(model, temperature=5.0)

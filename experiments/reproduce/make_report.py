@@ -104,24 +104,39 @@ def routing_table(res: dict) -> list[str]:
     cols = [(k, n) for k, n in MODELS if k in res and res[k].get("routing")]
     if not cols:
         return ["(no routing results)"]
+    has_dom = all("dominant" in res[k]["routing"] for k, _ in cols)
     tasks = sorted({t for k, _ in cols for t in res[k]["routing"]["all"]["per_task"]})
-    lines = ["Teacher-forced on test prompts + reference answers: for each token, the fraction of (layer, module) "
-             "pairs whose top-1 expert is the token's task; mean over the task's tokens (all tokens / answer "
-             "tokens).", "", "| task | " + " | ".join(n for _, n in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = ["Teacher-forced on test prompts + reference answers, each token labelled with its task. *Gates*: per "
+             "token, the fraction of the (layer, module) gates whose top-1 expert is the token's task. "
+             + ("*Dominant*: per token, whether the expert with the most routing weight summed over all gates (the "
+                "routing picture's colour) is the token's task. " if has_dom else "")
+             + "Means over the task's tokens, all tokens / answer tokens.", "",
+             "| task | " + " | ".join(f"{n} gates" + (f" | {n} dominant" if has_dom else "") for _, n in cols) + " |",
+             "|---|" + "---|" * (len(cols) * (2 if has_dom else 1))]
+
+    def cell(r: dict, kind: str, t: str) -> str:
+        resp = "response" if kind == "all" else f"{kind}_response"
+        return f"{fmt(r[kind]['per_task'].get(t))} / {fmt(r[resp]['per_task'].get(t))}"
+
+    kinds = ("all", "dominant") if has_dom else ("all",)
     for t in tasks:
-        cells = [f"{fmt(res[k]['routing']['all']['per_task'].get(t))} / "
-                 f"{fmt(res[k]['routing']['response']['per_task'].get(t))}" for k, _ in cols]
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    lines.append("| **all tokens** | " + " | ".join(fmt(res[k]["routing"]["all"]["overall"]) for k, _ in cols) + " |")
-    worst = {k: min(v for v in res[k]["routing"]["all"]["per_task"].values() if v is not None) for k, _ in cols}
-    lines += ["", "Lowest per-task routing accuracy: " + ", ".join(
-        f"{n} {fmt(worst[k])} ({'met' if worst[k] >= TARGET_ROUTING else 'missed'})" for k, n in cols)
-        + f" (target ≥ {TARGET_ROUTING} on every task)."]
+        lines.append(f"| {t} | " + " | ".join(cell(res[k]["routing"], kind, t) for k, _ in cols for kind in kinds)
+                     + " |")
+    lines.append("| **all tokens** | " + " | ".join(fmt(res[k]["routing"][kind]["overall"]) for k, _ in cols
+                                                     for kind in kinds) + " |")
+    lines.append("")
+    for kind in kinds:
+        worst = {k: min(v for v in res[k]["routing"][kind]["per_task"].values() if v is not None) for k, _ in cols}
+        lines.append(f"Lowest per-task routing accuracy ({'gates' if kind == 'all' else 'dominant'}): " + ", ".join(
+            f"{n} {fmt(worst[k])} ({'met' if worst[k] >= TARGET_ROUTING else 'missed'})" for k, n in cols)
+            + f" (target ≥ {TARGET_ROUTING} on every task).  ")
     comp = [(k, n, c, v["routing"]) for k, n in cols for c, v in res[k].get("composite", {}).items()
             if v.get("routing")]
     if comp:
-        lines += ["", "In composite prompts (teacher-forced, all tokens): " + "; ".join(
-            f"{n} {c} {fmt(r['all']['overall'])}" for _, n, c, r in comp) + "."]
+        lines += ["", "In composite prompts (teacher-forced, all tokens, gates" + (" / dominant" if has_dom else "")
+                  + "): " + "; ".join(f"{n} {c} {fmt(r['all']['overall'])}"
+                                      + (f" / {fmt(r['dominant']['overall'])}" if "dominant" in r else "")
+                                      for _, n, c, r in comp) + "."]
     return lines
 
 
