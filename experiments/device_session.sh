@@ -7,8 +7,9 @@
 # anew on every call), each logging to /tmp/res/JOB.log and its start/end to /tmp/res/progress; a job's results
 # land in /tmp/res. A later call of the device tool can wait on them while the machine stays warm.
 # Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
-# stages only), bundle (the trained weights in <= 15 MiB files under /tmp/res/bundle), kernels_test, layer_bench,
-# generate_bench.
+# stages only), bundle (the trained weights in <= 15 MiB files under /tmp/res/bundle), unbundle (a working folder
+# rebuilt from such files carried to /tmp/bundle, so `repro` goes on with the evaluations), kernels_test,
+# layer_bench, generate_bench.
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -32,11 +33,14 @@ for job in "$@"; do
     train_bench) run train_bench python3 experiments/bench_train.py --shapes smollm2 --batch 8 --seq 512 \
                    --strategies gather,dense,fused --out "$RES/train_bench" ;;
     repro_train) run repro_train python3 experiments/reproduce/pipeline.py --work /tmp/repro \
-                   --data-from .devcarry/repro/data --base "$GGUF" --lora-procs 3 \
+                   --data-from .devcarry/repro/data --base "$GGUF" \
                    --stages data,base,loras,lora_b,convert,gates ${REPRO_ARGS:-} ;;
+    unbundle) run unbundle bash -c "python3 experiments/reproduce/pipeline.py --work /tmp/repro --stages data,base \
+                --data-from .devcarry/repro/data --base $GGUF && python3 experiments/reproduce/bundle.py unpack \
+                --bundle /tmp/bundle --work /tmp/repro --base /tmp/repro/base ${UNBUNDLE_ARGS:-}" ;;
     bundle) run bundle python3 experiments/reproduce/bundle.py pack --work /tmp/repro --out "$RES/bundle" ;;
     repro) run repro python3 experiments/reproduce/pipeline.py --work /tmp/repro --data-from .devcarry/repro/data \
-             --base "$GGUF" --lora-procs 3 ${REPRO_ARGS:-}
+             --base "$GGUF" ${REPRO_ARGS:-}
            mkdir -p "$RES/repro_results" && cp -r /tmp/repro/results/. /tmp/repro/commands.jsonl "$RES/repro_results/" ;;
     kernels_test) run kernels_test python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
     layer_bench) run layer_bench python3 experiments/bench_layer.py --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;

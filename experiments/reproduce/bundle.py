@@ -8,8 +8,8 @@ every PEFT adapter under WORK/adapters and WORK/adapters_b in bfloat16 (with its
 header), and the trained gates of WORK/runs/gates/final in float32. `unpack` writes the adapter folders under
 WORK2 (float32), rebuilds WORK2/ckpt/meteora and WORK2/ckpt/lora_b with `python -m convert adapters` from BASE
 (the Hugging Face base folder), and saves WORK2/runs/gates/final: that checkpoint with the carried gates, so the
-pipeline's evaluation stages run without retraining. The adapters travel in bfloat16: a rebuilt run is close to,
-not bit-equal with, the original.
+pipeline's evaluation stages run without retraining (`--no-gates`: no final checkpoint, the gates train anew).
+The adapters travel in bfloat16: a rebuilt run is close to, not bit-equal with, the original.
 """
 
 from __future__ import annotations
@@ -56,13 +56,18 @@ def pack(work: Path, out: Path, max_mb: float) -> list[Path]:
     if final.exists():
         tensors.update({f"gates/{k}": v for k, v in gate_arrays(final).items()})
     out.mkdir(parents=True, exist_ok=True)
-    limit, chunks, cur, size = max_mb * 2**20 * 0.98, [], {}, 0  # 2% left for the header
+    # each file: its tensors, plus a header of about (key + 96) bytes a tensor and the adapter configs
+    limit = max_mb * 2**20 - len(json.dumps(configs)) - 1024
+    cost = {k: v.nbytes + len(k) + 96 for k, v in tensors.items()}
+    too_big = [k for k, c in cost.items() if c > limit]
+    if too_big:
+        raise SystemExit(f"error: --max-mb {max_mb}: tensor {too_big[0]} ({cost[too_big[0]]} bytes) does not fit")
+    chunks, cur, size = [], {}, 0
     for k in sorted(tensors):
-        n = tensors[k].nbytes
-        if cur and size + n > limit:
+        if cur and size + cost[k] > limit:
             chunks.append(cur)
             cur, size = {}, 0
-        cur[k], size = tensors[k], size + n
+        cur[k], size = tensors[k], size + cost[k]
     chunks.append(cur)
     paths = []
     for i, chunk in enumerate(chunks):
@@ -75,7 +80,7 @@ def pack(work: Path, out: Path, max_mb: float) -> list[Path]:
     return paths
 
 
-def unpack(bundle: Path, work: Path, base: Path) -> None:
+def unpack(bundle: Path, work: Path, base: Path, gates: bool = True) -> None:
     from safetensors import safe_open
     from safetensors.numpy import save_file
 
@@ -107,7 +112,7 @@ def unpack(bundle: Path, work: Path, base: Path) -> None:
         subprocess.run([py, "-m", "convert", "adapters", "--base", str(base), "--adapters",
                         str(work / "adapters_b" / u), "--out", str(work / "ckpt" / u), "--top-k", "1"], cwd=ROOT,
                        check=True)
-    gates = {k[len("gates/"):]: v for k, v in tensors.items() if k.startswith("gates/")}
+    gates = {k[len("gates/"):]: v for k, v in tensors.items() if k.startswith("gates/")} if gates else {}
     if gates:
         import jax
         import jax.numpy as jnp
@@ -141,12 +146,13 @@ def main(argv=None) -> int:
     b.add_argument("--bundle", required=True)
     b.add_argument("--work", required=True)
     b.add_argument("--base", required=True, help="the Hugging Face base folder the adapters were trained on")
+    b.add_argument("--no-gates", action="store_true", help="leave the gates out (to train them anew)")
     args = p.parse_args(argv)
     if args.cmd == "pack":
         for path in pack(Path(args.work), Path(args.out), args.max_mb):
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     else:
-        unpack(Path(args.bundle), Path(args.work), Path(args.base))
+        unpack(Path(args.bundle), Path(args.work), Path(args.base), gates=not args.no_gates)
     return 0
 
 

@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import torch
+    from flax import nnx
     from peft import PeftModel
 
     from meteora_jax import checkpoint, evaluate
@@ -61,18 +62,24 @@ def main(argv=None) -> int:
     dev = next(peft.parameters()).device
     report = {"task": args.task, "adapter": args.adapter, "checkpoint": args.checkpoint, "prompts": []}
     ok = True
-    for prompt in ids:
+    # ours: one jitted forward over the right-padded prompts and one batched generate (a compile each, not one per
+    # prompt length; batched generation equals one prompt at a time, tests/test_generate.py)
+    width = max(map(len, ids))
+    padded = jnp.asarray([q + [0] * (width - len(q)) for q in ids])
+    mask = jnp.asarray([[True] * len(q) + [False] * (width - len(q)) for q in ids])
+    all_logits = np.asarray(nnx.jit(lambda m, x, a: m(x, a).logits)(ours, padded, mask))
+    all_toks = gen.generate(ours, ids, max_new_tokens=args.new_tokens, eos_token_ids=[]).tokens
+    for prompt, logits, our_toks in zip(ids, all_logits, all_toks, strict=True):
         x = torch.tensor([prompt], device=dev)
         with torch.no_grad():
             ref = peft(input_ids=x).logits[0].float().cpu().numpy()
             ref_gen = peft.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
                                     do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id,
                                     output_scores=True, return_dict_in_generate=True)
-        got = np.asarray(ours(jnp.asarray([prompt]), jnp.ones((1, len(prompt)), bool)).logits[0])
+        got = logits[:len(prompt)]
         rel = float(np.abs(got - ref).max() / np.abs(ref).max())
         ref_toks = ref_gen.sequences[0, len(prompt):].cpu().tolist()
         gaps = [float(np.diff(np.sort(s[0].float().cpu().numpy())[-2:])[0]) for s in ref_gen.scores]
-        our_toks = gen.generate(ours, [prompt], max_new_tokens=args.new_tokens, eos_token_ids=[]).tokens[0]
         agree = next((i for i, (a, b) in enumerate(zip(our_toks, ref_toks, strict=False)) if a != b),
                      min(len(our_toks), len(ref_toks)))
         first_tie = next((i for i, g in enumerate(gaps) if g < args.tie), len(gaps))

@@ -46,7 +46,7 @@ def sizes(tiny: bool) -> dict:
                     tasks=["logical_deduction", "object_counting", "strategyqa"])
     # LoRA training in eager PyTorch is bound by the CPU at this model size (on the H100: 345 ms a step at batch 16 x
     # 512 tokens, 380 ms at batch 64), so few large batches: 50 steps of 64 (about 10 epochs of 300 examples).
-    return dict(data=[], lora_steps=50, union_steps=400, lora_batch=64, lora_lr=1e-3, gate_steps=600, gate_batch=8,
+    return dict(data=[], lora_steps=50, union_steps=400, lora_batch=64, lora_lr=1e-3, gate_steps=1500, gate_batch=8,
                 max_len=512, limit=[], max_new=128, tasks=None)
 
 
@@ -147,11 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU run of the plumbing")
     p.add_argument("--lora-steps", type=int, help="steps per task LoRA (50 of batch 64; tiny 2)")
     p.add_argument("--union-steps", type=int, help="steps of LoRA-B (400 of batch 64; tiny 3)")
-    p.add_argument("--gate-steps", type=int, help="gate training steps (600 of batch 8; tiny 2)")
-    p.add_argument("--gate-lr", type=float, default=1e-3)
+    p.add_argument("--gate-steps", type=int, help="gate training steps (1500 of batch 8; tiny 2)")
+    p.add_argument("--gate-lr", type=float, default=2e-3, help="peak gate learning rate (2e-3)")
     p.add_argument("--lora-procs", type=int, default=1,
                    help="processes training the task LoRAs at once (tasks dealt round-robin); with more than one, "
-                        "LoRA-B trains beside them when both stages run (eager PEFT is bound by one CPU core)")
+                        "LoRA-B trains beside them when both stages run (eager PEFT is bound by one CPU core; on the "
+                        "H100, 3 processes plus LoRA-B at batch 64 ran out of GPU memory: one peaked at 45 GiB)")
     p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
