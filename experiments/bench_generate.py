@@ -4,8 +4,9 @@ Random weights (bf16) of the named shapes. For each shape:
 
 - ours, decode: `meteora_jax.generate._decode` (the program `generate` runs) for `--steps` tokens after a
   `--prompt`-token context, at each `--batches` size, for the base Llama and for MeteoRA (E experts of rank
-  r, top-k, all seven modules) with each strategy, and packed (`meteora_jax.packed`: `packed` against the
-  equally packed base, `base-packed`); tokens/s = batch x steps / time, and the time per step;
+  r, top-k, all seven modules) with each strategy, and packed (`meteora_jax.packed`: `packed`, the expand
+  folded into the base product, and `packed-split`, the two products apart, against the equally packed base,
+  `base-packed`); tokens/s = batch x steps / time, and the time per step;
 - ours, prefill: `_prefill` of `--prompt` tokens at batch 1 and of `--prefill-len` tokens (tokens/s);
 - ours, end to end: `generate()` at batch 1, `--prompt` tokens in, `--steps` out (greedy, no EOS);
 - transformers + PEFT (one LoRA of rank r on all seven modules), batch 1, the same prompt: `generate` eager
@@ -146,9 +147,10 @@ def jax_part(args, emit, deadline):
         if "packed" in strategies:  # packed copies (new concatenated weights; the originals stay for the others)
             models["base-packed"] = pack_projections(nnx.merge(*nnx.split(models["base"])))
             models["packed"] = pack_projections(nnx.merge(*nnx.split(meteora)))
+            models["packed-split"] = pack_projections(nnx.merge(*nnx.split(meteora)), fold=False)
         jax.block_until_ready((nnx.state(meteora), [nnx.state(m) for m in models.values()]))
         emit({"kind": "built", "shape": shape_name, "seconds": time.perf_counter() - t})
-        variants = (["base"] + (["base-packed", "packed"] if "packed" in strategies else [])
+        variants = (["base"] + (["base-packed", "packed", "packed-split"] if "packed" in strategies else [])
                     + [s for s in strategies if s not in ("loop", "packed")]
                     + (["loop"] if "loop" in strategies else []))
         model_of = lambda v, m=meteora, ms=models: ms[v] if v in ms else set_routing(m, strategy=v)
@@ -377,7 +379,7 @@ def render_md(meta, records):
         for v in dict.fromkeys(r["variant"] for r in dec if r["shape"] == sh):
             cells = []
             for b in batches:
-                r, base = get.get((sh, v, b)), get.get((sh, "base-packed" if v == "packed" else "base", b))
+                r, base = get.get((sh, v, b)), get.get((sh, "base-packed" if v.startswith("packed") else "base", b))
                 if r is None:
                     cells.append("-")
                     continue
@@ -427,7 +429,7 @@ def targets(records):
     for sh in dict.fromkeys(k[0] for k in dec):
         for b in (1, 16):
             base = {v: dec.get((sh, v, b)) for v in ("base", "base-packed")}
-            ref = lambda v, base=base: base["base-packed" if v == "packed" else "base"]  # like with like
+            ref = lambda v, base=base: base["base-packed" if v.startswith("packed") else "base"]  # like with like
             ratios = {v: r["step_ms"] / ref(v)["step_ms"] for (s, v, bb), r in dec.items()
                       if s == sh and bb == b and not v.startswith("base") and ref(v)}
             if ratios:

@@ -41,8 +41,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "split"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_packed_forward_equals_unpacked_loop(case):
+def test_packed_forward_equals_unpacked_loop(case, fold):
     case = dict(case)
     bias, e, r = case.pop("bias", False), case.pop("experts", 4), case.pop("rank", 3)
     cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
@@ -51,7 +52,7 @@ def test_packed_forward_equals_unpacked_loop(case):
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(e)), r, strategy="loop", **case)
     seed = int(np.random.default_rng().integers(1 << 30))
     ref = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(seed))
-    packed = pack_projections(copy(ref))
+    packed = pack_projections(copy(ref), fold=fold)
     assert is_packed(packed) and not is_packed(ref)
     assert all(getattr(layer.self_attn, m) is None for layer in packed.layers for m in TARGET_MODULES[:4])
     tokens, mask = left_padded_batch(np.random.default_rng(seed), cfg.vocab_size, lengths=(9, 5, 2), total=9)
@@ -105,7 +106,8 @@ def test_packed_generate_and_trace_equal_unpacked(tiny_llama3):
 
 
 def test_packed_bf16_as_close_to_fp32_as_unpacked():
-    """In bf16 both paths round; the packed one (one f32 accumulation) is no further from the fp32 result."""
+    """In bf16 both paths round, in different orders: the packed one is about as far from the fp32 result as the
+    unpacked one (over 12 seeds the ratio of mean errors was 0.71 to 1.12, of max errors 0.35 to 1.37)."""
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16)
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(5)), 4, forced_expert=2)  # forced: no bf16 routing ties
@@ -118,7 +120,8 @@ def test_packed_bf16_as_close_to_fp32_as_unpacked():
     packed = pack_projections(copy(bf))
     tokens = jax.random.randint(jax.random.key(seed), (2, 11), 0, kw["vocab_size"])
     ref, unpacked, got = (np.asarray(m(tokens).logits) for m in (f32, bf, packed))
-    assert np.abs(got - ref).max() <= 1.25 * np.abs(unpacked - ref).max() + 2e-3
+    assert np.abs(got - ref).mean() <= 1.5 * np.abs(unpacked - ref).mean()
+    assert np.abs(got - ref).max() <= 2.0 * np.abs(unpacked - ref).max() + 2e-3
 
 
 def test_load_model_pack_and_refusals(tiny_llama3, tmp_path):
