@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--commands", help="commands.jsonl of pipeline.py")
     p.add_argument("--out", required=True)
     p.add_argument("--toy", action="store_true", help="mark the report as a toy run (numbers mean nothing)")
+    p.add_argument("--note", help="a paragraph (markdown) put under the title: how this run differs from the plan")
     a = p.parse_args(argv)
     folder = Path(a.results)
     res = load_results(folder)
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     if a.toy:
         lines += ["> **TOY RUN.** Every stage ran at toy size (a few examples and optimizer steps) to prove the "
                   "plumbing; the numbers below mean nothing about MeteoRA.", ""]
+    if a.note:
+        lines += [a.note, ""]
     lines += [f"Device: {any_res.get('device')}; jax {any_res.get('jax')}. Data: {any_res.get('data')}. "
               "Greedy decoding; accuracy in [0, 1] (mode per task in tasks.json), BLEU 0-100, ROUGE-L F1 in [0, 1].",
               "", "## Table 1: single tasks (primary score)", "", *table1(res), "",
