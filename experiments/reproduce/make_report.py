@@ -126,6 +126,10 @@ def routing_table(res: dict) -> list[str]:
                                                      for kind in kinds) + " |")
     lines.append("")
     for kind in kinds:
+        overall = {k: res[k]["routing"][kind]["overall"] for k, _ in cols}
+        lines.append(f"Routing accuracy over all single-task tokens ({'gates' if kind == 'all' else 'dominant'}): "
+                     + ", ".join(f"{n} {fmt(overall[k])} ({'met' if overall[k] >= TARGET_ROUTING else 'missed'})"
+                                 for k, n in cols) + f" (target ≥ {TARGET_ROUTING}).  ")
         worst = {k: min(v for v in res[k]["routing"][kind]["per_task"].values() if v is not None) for k, _ in cols}
         lines.append(f"Lowest per-task routing accuracy ({'gates' if kind == 'all' else 'dominant'}): " + ", ".join(
             f"{n} {fmt(worst[k])} ({'met' if worst[k] >= TARGET_ROUTING else 'missed'})" for k, n in cols)
