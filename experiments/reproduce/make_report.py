@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
               "## Token routing accuracy", "", *routing_table(res), ""]
     png = folder / "routing_composite.png"
     if png.exists():
-        lines += ["## Routing of one composite-3 sample (MeteoRA top-2)", "", f"![routing]({png.name})", ""]
+        link = os.path.relpath(png.absolute(), Path(a.out).absolute().parent)
+        lines += ["## Routing of one composite-3 sample (MeteoRA top-2)", "", f"![routing]({link})", ""]
     cc = folder / "crosscheck.json"
     if cc.exists():
         c = json.loads(cc.read_text())
