@@ -189,17 +189,16 @@ def token_dominant_hits(experts: np.ndarray, weights: np.ndarray, labels: np.nda
     """Per-token 1.0 where the token's dominant expert is its label, else 0.0 (NaN where the label is negative).
 
     The dominant expert of a token is the one with the largest routing weight summed over all (layer, module)
-    pairs and top-k slots (the picture of `meteora_jax.trace`, averaged over layers and modules). `experts` and
+    pairs and top-k slots (`meteora_jax.trace.expert_mass`, the routing picture's colour). `experts` and
     `weights [..., L, M, k]`, `labels [...]`; ties go to the lower expert index."""
     experts, weights, labels = np.asarray(experts), np.asarray(weights, np.float64), np.asarray(labels)
     if experts.shape != weights.shape or experts.shape[:labels.ndim] != labels.shape or experts.ndim != labels.ndim + 3:
         raise ValueError(f"experts {experts.shape} and weights {weights.shape} must both be labels {labels.shape}"
                          " + [L, M, k]")
-    flat_e = experts.reshape(labels.size, -1)  # [tokens, L * M * k]
-    flat_w = weights.reshape(flat_e.shape)
-    mass = np.zeros((labels.size, num_experts))
-    np.add.at(mass, (np.arange(labels.size)[:, None], flat_e), flat_w)  # repeated experts accumulate
-    mass = mass.reshape(*labels.shape, num_experts)
+    from meteora_jax.trace import expert_mass
+
+    flat = (labels.size, *experts.shape[labels.ndim:])  # [tokens, L, M, k]
+    mass = expert_mass(experts.reshape(flat), weights.reshape(flat), num_experts).reshape(*labels.shape, -1)
     hits = (mass.argmax(-1) == labels).astype(np.float64)
     return np.where(labels >= 0, hits, np.nan)
 
