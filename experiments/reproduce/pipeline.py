@@ -93,29 +93,6 @@ class Runner:
         with open(self.log, "a") as f:
             f.write(json.dumps({"stage": stage, "command": text, "seconds": 0.0, "rc": 0}) + "\n")
 
-    def run_many(self, stage: str, cmds: list[list[str]]) -> None:
-        """Run `cmds` at once (each logging to WORK/logs/STAGE-I.log); log each; stop if any fails."""
-        texts = [" ".join(shlex.quote(str(c)) for c in cmd) for cmd in cmds]
-        for t in texts:
-            print(f"[{stage}] $ {t} &", flush=True)
-        if self.dry:
-            return
-        logs = self.work / "logs"
-        logs.mkdir(exist_ok=True)
-        t0, procs = time.perf_counter(), []
-        for i, cmd in enumerate(cmds):
-            with open(logs / f"{stage}-{i}.log", "w") as f:
-                procs.append(subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=self.env, stdout=f,
-                                              stderr=subprocess.STDOUT))
-        rcs = [q.wait() for q in procs]
-        with open(self.log, "a") as f:
-            for t, rc in zip(texts, rcs, strict=True):
-                f.write(json.dumps({"stage": stage, "command": t + " &", "seconds": round(time.perf_counter() - t0, 1),
-                                    "rc": rc}) + "\n")
-        bad = [(i, rc) for i, rc in enumerate(rcs) if rc != 0]
-        if bad:
-            raise SystemExit(f"[{stage}] process(es) {bad} failed (logs: {logs}/{stage}-*.log)")
-
     def run(self, stage: str, cmd: list[str], output: Path | None) -> None:
         """Run `cmd` unless `output` exists (or --force); log it; stop the pipeline if it fails."""
         text = " ".join(shlex.quote(str(c)) for c in cmd)
@@ -149,10 +126,6 @@ def main(argv=None) -> int:
     p.add_argument("--union-steps", type=int, help="steps of LoRA-B (400 of batch 64; tiny 3)")
     p.add_argument("--gate-steps", type=int, help="gate training steps (1500 of batch 8; tiny 2)")
     p.add_argument("--gate-lr", type=float, default=2e-3, help="peak gate learning rate (2e-3)")
-    p.add_argument("--lora-procs", type=int, default=1,
-                   help="processes training the task LoRAs at once (tasks dealt round-robin); with more than one, "
-                        "LoRA-B trains beside them when both stages run (eager PEFT is bound by one CPU core; on the "
-                        "H100, 3 processes plus LoRA-B at batch 64 ran out of GPU memory: one peaked at 45 GiB)")
     p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
@@ -199,20 +172,16 @@ def main(argv=None) -> int:
             elif not a.dry_run:
                 make_base(a.base, base)
         elif stage in ("loras", "lora_b"):
+            steps = a.lora_steps or z["lora_steps"]
             common = [py, HERE / "train_lora.py", "--base", base, "--data", data / "tasks", "--batch-size",
                       str(z["lora_batch"]), "--lr", str(z["lora_lr"]), "--max-len", str(z["max_len"]),
-                      "--skip-existing"]
-            per_task = [[*common, "--tasks", *names[i::a.lora_procs], "--out", work / "adapters", "--steps",
-                         str(a.lora_steps or z["lora_steps"])] for i in range(min(a.lora_procs, len(names)))]
-            union = [*common, "--tasks", *names, "--out", work / "adapters_b", "--union", "lora_b", "--union-steps",
-                     str(a.union_steps or z["union_steps"])]
-            if a.lora_procs > 1 and "loras" in stages and "lora_b" in stages:
-                if stage == "loras":  # both stages at once: LoRA training is bound by one CPU core per process
-                    r.run_many("loras+lora_b", [*per_task, union])
-            elif stage == "loras":
-                r.run_many(stage, per_task) if len(per_task) > 1 else r.run(stage, per_task[0], None)
+                      "--skip-existing", "--tasks", *names]
+            if stage == "loras":
+                r.run(stage, [*common, "--out", work / "adapters", "--steps", str(steps)], None)
             else:
-                r.run(stage, union, None)
+                union = a.union_steps or z["union_steps"]
+                r.run(stage, [*common, "--out", work / "adapters_b", "--union", "lora_b", "--union-steps",
+                              str(union)], None)
         elif stage == "convert":
             r.run(stage, [py, "-m", "convert", "adapters", "--base", base, "--adapters",
                           *[work / "adapters" / n for n in names], "--out", meteora, "--top-k", "2"], meteora)
