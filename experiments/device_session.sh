@@ -7,7 +7,7 @@
 # anew on every call), each logging to /tmp/res/JOB.log and its start/end to /tmp/res/progress; a job's results
 # land in /tmp/res. A later call of the device tool can wait on them while the machine stays warm.
 # Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
-# stages only), bundle (the trained weights in <= 15 MiB files under /tmp/res/bundle), unbundle (a working folder
+# stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB files under /tmp/res/bundle), unbundle (a working folder
 # rebuilt from such files carried to /tmp/bundle, so `repro` goes on with the evaluations), kernels_test,
 # layer_bench, generate_bench.
 set -u
@@ -35,6 +35,8 @@ for job in "$@"; do
     repro_train) run repro_train python3 experiments/reproduce/pipeline.py --work /tmp/repro \
                    --data-from .devcarry/repro/data --base "$GGUF" \
                    --stages data,base,loras,lora_b,convert,gates ${REPRO_ARGS:-} ;;
+    repro_gates) run repro_gates python3 experiments/reproduce/pipeline.py --work /tmp/repro \
+                   --data-from .devcarry/repro/data --base "$GGUF" --stages gates ${GATE_ARGS:-} ;;
     unbundle) run unbundle bash -c "python3 experiments/reproduce/pipeline.py --work /tmp/repro --stages data,base \
                 --data-from .devcarry/repro/data --base $GGUF && python3 experiments/reproduce/bundle.py unpack \
                 --bundle /tmp/bundle --work /tmp/repro --base /tmp/repro/base ${UNBUNDLE_ARGS:-}" ;;

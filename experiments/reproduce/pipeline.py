@@ -46,7 +46,7 @@ def sizes(tiny: bool) -> dict:
                     tasks=["logical_deduction", "object_counting", "strategyqa"])
     # LoRA training in eager PyTorch is bound by the CPU at this model size (on the H100: 345 ms a step at batch 16 x
     # 512 tokens, 380 ms at batch 64), so few large batches: 50 steps of 64 (about 10 epochs of 300 examples).
-    return dict(data=[], lora_steps=50, union_steps=400, lora_batch=64, lora_lr=1e-3, gate_steps=1500, gate_batch=8,
+    return dict(data=[], lora_steps=50, union_steps=400, lora_batch=64, lora_lr=1e-3, gate_steps=1500, gate_batch=16,
                 max_len=512, limit=[], max_new=128, tasks=None)
 
 
@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU run of the plumbing")
     p.add_argument("--lora-steps", type=int, help="steps per task LoRA (50 of batch 64; tiny 2)")
     p.add_argument("--union-steps", type=int, help="steps of LoRA-B (400 of batch 64; tiny 3)")
-    p.add_argument("--gate-steps", type=int, help="gate training steps (1500 of batch 8; tiny 2)")
+    p.add_argument("--gate-steps", type=int, help="gate training steps (1500; tiny 2)")
+    p.add_argument("--gate-batch", type=int, help="gate training batch (16; tiny 2)")
     p.add_argument("--gate-lr", type=float, default=2e-3, help="peak gate learning rate (2e-3)")
     p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
@@ -190,8 +191,9 @@ def main(argv=None) -> int:
         elif stage == "gates":
             r.run(stage, [py, "-m", "meteora_jax.train", "--checkpoint", meteora, "--tokenizer", base, "--data",
                           data / "tasks", "--run-dir", work / "runs" / "gates", "--steps",
-                          str(a.gate_steps or z["gate_steps"]), "--batch-size", str(z["gate_batch"]), "--lr",
-                          str(a.gate_lr), "--max-len", str(z["max_len"]), "--buckets", "128,256,512",
+                          str(a.gate_steps or z["gate_steps"]), "--batch-size",
+                          str(a.gate_batch or z["gate_batch"]), "--lr", str(a.gate_lr), "--max-len", str(z["max_len"]),
+                          "--buckets", "128,256,512",
                           "--eval-every", "100", "--save-every", "100", "--overwrite", "--no-progress"], final)
         elif stage == "check":
             t = a.check_task or names[0]
