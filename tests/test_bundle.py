@@ -84,3 +84,36 @@ def test_unpack_without_gates_and_errors(work, tmp_path):
         bundle.pack(work, tmp_path / "b3", max_mb=0.002)
     with pytest.raises(SystemExit, match="no adapters"):
         bundle.pack(tmp_path / "empty", tmp_path / "b2", max_mb=15)
+
+
+def test_unpack_refuses_chunks_of_two_packs(work, tmp_path):
+    """Chunks of two pack runs (a new last chunk with retrained gates beside old ones) are refused, by pack id and,
+    for files without one, by the adapters' incomplete tensor sets."""
+    a = bundle.pack(work, tmp_path / "a", max_mb=0.03)
+    b = bundle.pack(work, tmp_path / "b", max_mb=0.03)
+    assert len(a) == len(b) > 2
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, f in enumerate(a):
+        (mixed / f.name).write_bytes((b if i == len(a) - 1 else a)[i].read_bytes())
+    with pytest.raises(SystemExit, match="different packs"):
+        bundle.unpack(mixed, tmp_path / "w", work / "base")
+    # files of a pack without ids (written before ids existed) where one chunk's boundary moved: the adapters'
+    # tensor sets tell
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    def rewrite(src, dst, drop=()):
+        with safe_open(str(src), "np") as g:
+            meta = {k: v for k, v in g.metadata().items() if k not in ("pack_id", "tensors")}
+            data = {k: g.get_tensor(k) for k in g.keys() if k not in drop}
+        save_file(data, str(dst), metadata=meta)
+
+    old = tmp_path / "old"
+    old.mkdir()
+    with safe_open(str(a[1]), "np") as g:
+        victim = sorted(k for k in g.keys() if k.startswith("adapters/"))[0]
+    for f in a:
+        rewrite(f, old / f.name, drop=(victim,))
+    with pytest.raises(SystemExit, match="different tensor sets"):
+        bundle.unpack(old, tmp_path / "w2", work / "base")

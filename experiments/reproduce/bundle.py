@@ -15,6 +15,7 @@ The adapters travel in bfloat16: a rebuilt run is close to, not bit-equal with, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -69,12 +70,16 @@ def pack(work: Path, out: Path, max_mb: float) -> list[Path]:
             cur, size = {}, 0
         cur[k], size = tensors[k], size + cost[k]
     chunks.append(cur)
+    # one id for the whole pack: unpack refuses chunks of different packs (their boundaries differ)
+    pack_id = hashlib.sha256(json.dumps([[k, list(tensors[k].shape)] for k in sorted(tensors)]).encode()
+                             + np.random.default_rng().bytes(8)).hexdigest()[:16]
     paths = []
     for i, chunk in enumerate(chunks):
         path = out / f"bundle-{i:02d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
         save_file(chunk, str(tmp), metadata={"adapter_configs": json.dumps(configs), "chunk": str(i),
-                                             "chunks": str(len(chunks))})
+                                             "chunks": str(len(chunks)), "pack_id": pack_id,
+                                             "tensors": str(len(tensors))})
         tmp.replace(path)
         paths.append(path)
     return paths
@@ -87,14 +92,31 @@ def unpack(bundle: Path, work: Path, base: Path, gates: bool = True) -> None:
     files = sorted(bundle.glob("bundle-*.safetensors"))
     if not files:
         raise SystemExit(f"error: no bundle-*.safetensors in {bundle}")
-    tensors, configs = {}, None
+    tensors, configs, ids, expected = {}, None, {}, None
     for f in files:
         with safe_open(str(f), "flax") as g:  # numpy has no bfloat16
             meta = g.metadata() or {}
             if int(meta.get("chunks", -1)) != len(files):
                 raise SystemExit(f"error: {f} is one of {meta.get('chunks')} chunks, {bundle} holds {len(files)}")
             configs = json.loads(meta["adapter_configs"])
+            ids[f.name] = meta.get("pack_id")  # absent in bundles written before the id existed
+            expected = int(meta["tensors"]) if "tensors" in meta else None
             tensors.update({k: np.asarray(g.get_tensor(k).astype("float32")) for k in g.keys()})
+    if len(set(ids.values())) > 1:
+        raise SystemExit(f"error: {bundle} mixes chunks of different packs (pack_id per file: {ids}); "
+                         f"use the files of one `pack` run together")
+    if expected is not None and expected != len(tensors):
+        raise SystemExit(f"error: {bundle}: the pack held {expected} tensors, these files {len(tensors)}")
+    # every adapter of one group has the same tensor names (same modules and layers): a missing one means the
+    # chunks do not belong together
+    for group in GROUPS:
+        names = {n: sorted(k[len(n) + 1:] for k in tensors if k.startswith(n + "/")) for n in configs
+                 if n.startswith(group + "/")}
+        ref = next(iter(names.values()), None)
+        bad = {n: len(v) for n, v in names.items() if v != ref}
+        if bad:
+            raise SystemExit(f"error: {bundle}: adapters of {group} hold different tensor sets ({len(ref)} in the "
+                             f"first; {bad}): chunks of different packs?")
     for name, cfg in configs.items():
         folder = work / name
         folder.mkdir(parents=True, exist_ok=True)
