@@ -370,8 +370,8 @@ def render_md(meta, records):
              f"k={meta['args']['top_k']} on all seven modules; context (prompt) {meta['args']['prompt']} tokens; "
              "greedy, no EOS; the number of decode steps of each record is in the JSON (`steps`, `new`).", ""]
     if meta.get("earlier"):
-        lines += ["Where commands measured the same shape, variant and batch, the later record is shown (all are in the "
-                  "JSON), and ratios use the base of the latest run that measured it.", ""]
+        lines += ["Where commands measured the same shape, variant and batch, the later record is shown (all are in "
+                  "the JSON), and ratios use the base of the latest run that measured it.", ""]
     shapes = sorted({r["shape"] for r in dec}, key=lambda s: list(SHAPES).index(s))
     batches = sorted({r["batch"] for r in dec})
     lines += ["## Decode (ours, `lax.while_loop`): tokens/s, ms per step, step time / base (`packed` / `base-packed`)",

@@ -281,8 +281,9 @@ def train(cfg: TrainConfig) -> dict:
                   f"(longer than --max-len {cfg.max_len})")
         splits[split] = examples
     train_plan = data_lib.BatchPlan(splits["train"], cfg.batch_size, buckets, cfg.seed, pad)
+    # shuffled once (the same batches at every evaluation), so --eval-batches N samples every task, not the first
     test_plan = data_lib.BatchPlan(splits["test"], cfg.batch_size, buckets, cfg.seed, pad,
-                                   drop_remainder=False, shuffle=False)
+                                   drop_remainder=False, shuffle=True)
 
     optimizer, sched = make_optimizer(model, cfg, wrt)
     ckpts = TrainCheckpoints(run_dir / "checkpoints", keep=cfg.keep)

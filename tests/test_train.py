@@ -117,6 +117,17 @@ def test_separable_tasks_learn(setup, tmp_path):
     assert all(v >= 0.9 for v in ev["gate_acc_per_task"].values()), ev
 
 
+def test_few_eval_batches_sample_every_task(setup, tmp_path):
+    """--eval-batches 2 of 8 (16 test rows of each of 4 tasks, written task after task): the evaluated rows come
+    from several tasks, the same ones at every evaluation."""
+    train(_cfg(setup, tmp_path / "run", steps=4, lr=1e-2, eval_every=2, eval_batches=2))
+    evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "eval" in x]
+    assert len(evals) == 2
+    seen = [{t for t, v in ev["gate_acc_per_task"].items() if v is not None} for ev in evals]
+    assert len(seen[0]) >= 3 and seen[0] == seen[1], seen
+
+
 def _run_cli(setup, run_dir, *extra):
     args = [sys.executable, "-m", "meteora_jax.train", "--checkpoint", str(setup / "ckpt"), "--tokenizer",
             str(setup / "tok"), "--data", str(setup / "data"), "--prompt-format", "{prompt}", "--run-dir",
