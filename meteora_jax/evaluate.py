@@ -141,12 +141,16 @@ class Answerer:
     """Greedy answers to token-id prompts, in length-sorted batches (`meteora_jax.generate.generate`).
 
     Prompts of different tasks share batches (fewer compiled shapes); each row's answer is cut to its own
-    token budget, which equals generating it alone with that budget (greedy rows are independent)."""
+    token budget, which equals generating it alone with that budget (greedy rows are independent).
+    `max_new_cap`: every call gets a cache with room for that many new tokens (rounded up to a power of two),
+    whatever its budget, so budgets of different tasks and sub-questions share one compiled program per
+    (batch, prompt length) bucket; the loop still stops at the budget (None: the buffer follows each budget)."""
 
-    def __init__(self, model: Llama, tokenizer, batch_size: int):
+    def __init__(self, model: Llama, tokenizer, batch_size: int, max_new_cap: int | None = None):
         from meteora_jax import generate as gen
 
         self.gen, self.model, self.tok, self.batch_size = gen, model, tokenizer, batch_size
+        self.max_new_cap = max_new_cap
         eos = set(gen.default_eos(model))
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -166,8 +170,14 @@ class Answerer:
         out: list[str] = [""] * len(prompts)
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
-            res = self.gen.generate(self.model, [prompts[i] for i in idx], max_new_tokens=max(budgets[i] for i in idx),
-                                    eos_token_ids=self.eos, stop_token_ids=stop_tokens, stop_sequences=stop_seqs)
+            budget = max(budgets[i] for i in idx)
+            max_len = None
+            if self.max_new_cap:
+                max_len = (self.gen.bucket(max(len(prompts[i]) for i in idx))
+                           + self.gen.bucket(max(budget, self.max_new_cap)))
+            res = self.gen.generate(self.model, [prompts[i] for i in idx], max_new_tokens=budget,
+                                    eos_token_ids=self.eos, stop_token_ids=stop_tokens, stop_sequences=stop_seqs,
+                                    max_len=max_len)
             for i, toks in zip(idx, res.tokens, strict=True):
                 text = self.tok.decode(toks[:budgets[i]], skip_special_tokens=True)
                 out[i] = (text.split("\n", 1)[0] if one_line else text).strip()
@@ -443,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(path)
     names = model.meteora_config.expert_names if isinstance(model, MeteoraLlama) else ()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    answer = Answerer(model, tok, args.batch_size)
+    answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens)
     result = {"label": args.label or Path(args.out).stem, "command": ["python", "-m", "meteora_jax.evaluate",
                                                                       *(sys.argv[1:] if argv is None else argv)],
               "model": _model_info(model, args), "data": args.data, "split": args.split,

@@ -367,6 +367,27 @@ def test_encode_matches_training_tokenization(tiny):
     assert Path(root / "tok").is_dir()
 
 
+def test_answer_cap_shares_one_program_across_budgets(tiny):
+    """With `max_new_cap`, calls with different budgets (and one over the cap) reuse one compiled decode per prompt
+    bucket, and each answer still equals generating it alone with its own budget."""
+    from meteora_jax import generate as gen
+
+    root, tok, names, test = tiny
+    model = checkpoint.load(root / "ckpt")
+    answer = evaluate.Answerer(model, tok, 4, max_new_cap=16)
+    ids = [_prompt(tok, r["prompt"]) for r in test["digits"]]
+    assert len({gen.bucket(len(i)) for i in ids}) == 1
+    got = {b: answer(ids, b) for b in (16, 1, 5)}  # the first call compiles
+    size = gen._decode._cache_size()
+    for b in (2, 3, 12):
+        got[b] = answer(ids, b)
+    assert gen._decode._cache_size() == size
+    got[17] = answer(ids, 17)  # over the cap: a larger buffer, compiled once more
+    assert gen._decode._cache_size() == size + 1
+    for b, texts in got.items():
+        assert texts == [_answer_alone(model, tok, i, b) for i in ids], b
+
+
 def test_free_composite_is_one_generation_parsed(tiny):
     root, tok, names, test = tiny
     model = checkpoint.load(root / "ckpt")
