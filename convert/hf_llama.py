@@ -227,12 +227,34 @@ def smollm2_gguf() -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
-    """The Hugging Face tokenizer of a model folder or GGUF file."""
+    """The Hugging Face tokenizer of a model folder or GGUF file.
+
+    From a GGUF file, the BOS / EOS / padding tokens are the file's own (`tokenizer.ggml.*_token_id`): some
+    transformers versions guess them (5.17 gives SmolLM2-135M-Instruct `<|im_start|>` as EOS, where the file
+    says `<|im_end|>`)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     if path.suffix == ".gguf" and gguf_file is None:
         path, gguf_file = path.parent, path.name
-    return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
+    if gguf_file is not None:
+        for role, token_id in gguf_special_tokens(path / gguf_file).items():
+            if 0 <= token_id < len(tok) and getattr(tok, f"{role}_token_id") != token_id:
+                setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(token_id))
+    return tok
+
+
+def gguf_special_tokens(path: str | os.PathLike) -> dict[str, int]:
+    """`{"bos" | "eos" | "pad" | "unk": id}` as a GGUF file's metadata states them (those it states)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    out = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown")):
+        f = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if f is not None and f.data:
+            out[role] = int(f.parts[f.data[0]][0])
+    return out
 
 

@@ -347,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapters", nargs="+", metavar="DIR", help="PEFT LoRA folders to attach to --base as experts")
     m.add_argument("--tokenizer", help="Hugging Face folder or .gguf file of the tokenizer (default: --base)")
     m.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute and storage dtype")
+    m.add_argument("--eos-token-id", type=int, metavar="ID",
+                   help="the tokenizer's end-of-text token in place of its own: ends every answer in the "
+                        "teacher-forced routing batches and stops generation (as does the model config's EOS); "
+                        "give the one the adapters and gates were trained with")
     d = p.add_argument_group("data")
     d.add_argument("--data", help="task folders DATA/<task>/<split>.jsonl (and DATA/tasks.json with metrics)")
     d.add_argument("--tasks", nargs="+", help="only these task folders")
@@ -451,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     from convert.hf_llama import load_tokenizer
 
     tok = load_tokenizer(path)
+    if args.eos_token_id is not None:
+        if not 0 <= args.eos_token_id < len(tok):
+            raise SystemExit(f"error: --eos-token-id {args.eos_token_id} is outside the tokenizer's vocabulary "
+                             f"(0..{len(tok) - 1}) of {path}")
+        tok.eos_token = tok.convert_ids_to_tokens(args.eos_token_id)
     names = model.meteora_config.expert_names if isinstance(model, MeteoraLlama) else ()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens)
@@ -458,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       *(sys.argv[1:] if argv is None else argv)],
               "model": _model_info(model, args), "data": args.data, "split": args.split,
               "protocol": {"decoding": "greedy", "max_new_tokens_cap": args.max_new_tokens, "limit": args.limit,
-                           "composite_mode": args.composite_mode, "oracle": args.oracle},
+                           "composite_mode": args.composite_mode, "oracle": args.oracle,
+                           "eos_token_id": tok.eos_token_id, "stop_token_ids": answer.eos},
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "tasks": {}, "composite": {}, "routing": None, "predictions": {}}
     if rows:

@@ -46,6 +46,7 @@ class TrainConfig:
     tokenizer: str | None = None  # HF folder or .gguf of the base's tokenizer (required with --checkpoint)
     data: str | None = None  # task folders DATA/<expert>/{train,test}.jsonl; none: the demo's
     prompt_format: str | None = None  # none: "[INST] {prompt} [/INST]" (the reference's); the demo's own
+    eos_token_id: int | None = None  # none: the tokenizer's
     run_dir: str = "runs/meteora"
     steps: int = 120
     batch_size: int = 8
@@ -88,6 +89,8 @@ HELP = {
     "tokenizer": "Hugging Face model folder or .gguf file whose tokenizer the base uses",
     "data": "folder of task folders <expert name>/train.jsonl and test.jsonl ({\"prompt\", \"response\"} lines)",
     "prompt_format": "how a prompt is wrapped, with {prompt} (default: the reference's '[INST] {prompt} [/INST]')",
+    "eos_token_id": "end-of-text token appended to every sample in place of the tokenizer's own (use the one the "
+                    "adapters were trained with)",
     "run_dir": "where config, metrics, checkpoints and the final model go",
     "steps": "optimizer steps",
     "batch_size": "sequences per micro-batch",
@@ -257,6 +260,11 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = prepare_run_dir(cfg)
     model, tokenizer, data_dir, prompt_format = load_model_and_data(cfg, run_dir)
     prompt_format = cfg.prompt_format or prompt_format
+    if cfg.eos_token_id is not None:
+        if not 0 <= cfg.eos_token_id < len(tokenizer):
+            raise SystemExit(f"error: --eos-token-id {cfg.eos_token_id} is outside the tokenizer's vocabulary "
+                             f"(0..{len(tokenizer) - 1})")
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(cfg.eos_token_id)
     routing = {k: getattr(cfg, k) for k in ("top_k", "temperature", "routing", "strategy")
                if getattr(cfg, k) is not None}
     set_routing(model, forced_expert=None, adapters_enabled=True, **routing)

@@ -330,6 +330,35 @@ def test_cli_oracle_forces_each_tasks_expert(tiny):
     assert res["routing"] is None and list(res["tasks"]) == ["digits"]
 
 
+def test_cli_eos_token_id_replaces_the_tokenizers(tiny, tmp_path):
+    """--eos-token-id N: answers stop at N (or the config's EOS), as generating alone with those stop ids does."""
+    from meteora_jax import generate as gen
+
+    root, tok, names, test = tiny
+    model = checkpoint.load(root / "ckpt")
+    ids0 = _prompt(tok, test["digits"][0]["prompt"])
+    first = gen.generate(model, [ids0], max_new_tokens=6, eos_token_ids=[tok.eos_token_id]).tokens[0]
+    assert len(first) >= 2 and first[1] != tok.eos_token_id
+    new = int(first[1])  # a token the model says early: the answer to prompt 0 ends there
+    out = tmp_path / "eos.json"
+    assert evaluate.main(["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--data",
+                          str(root / "data"), "--tasks", "digits", "--max-new-tokens", "6", "--eos-token-id",
+                          str(new), "--no-routing-accuracy", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"]["eos_token_id"] == new and new in res["protocol"]["stop_token_ids"]
+    budget = res["tasks"]["digits"]["max_new_tokens"]
+    stops = [new, *gen.default_eos(model)]
+    want = [tok.decode(gen.generate(model, [_prompt(tok, r["prompt"])], max_new_tokens=budget,
+                                    eos_token_ids=stops).tokens[0], skip_special_tokens=True).strip()
+            for r in test["digits"]]
+    assert [p["prediction"] for p in res["predictions"]["tasks"]["digits"]] == want
+    assert want[0] == tok.decode(first[:2], skip_special_tokens=True).strip()
+    with pytest.raises(SystemExit, match="--eos-token-id 99999 is outside"):
+        evaluate.main(["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--data",
+                       str(root / "data"), "--eos-token-id", "99999", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_cli_errors(tiny, tmp_path, capsys):
     root, *_ = tiny
     base = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--data", str(root / "data")]

@@ -40,3 +40,33 @@ def test_smollm2_logits_match_transformers(smollm2):
         err = np.abs(got - ref).max()
         assert err <= 1e-3 * np.abs(ref).max(), (prompt, err)
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_gguf_tokenizer_special_tokens_follow_the_file(monkeypatch):
+    """BOS / EOS / padding of a GGUF tokenizer are the ids the file's metadata states (read here with the gguf
+    package), also where transformers guesses otherwise (5.17 made SmolLM2's EOS <|im_start|>, simulated)."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf()
+    fields = GGUFReader(str(path)).fields
+    want = {}
+    for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        f = fields[f"tokenizer.ggml.{key}_token_id"]
+        want[role] = int(f.parts[f.data[0]][0])
+    assert want["bos"] != want["eos"]
+    tok = load_tokenizer(path)
+    assert {r: getattr(tok, f"{r}_token_id") for r in want} == want
+    assert tok.convert_ids_to_tokens(want["eos"]) == "<|im_end|>"
+
+    real = AutoTokenizer.from_pretrained
+
+    def wrong(*a, **kw):  # the guess of transformers 5.17
+        t = real(*a, **kw)
+        t.eos_token, t.pad_token = t.convert_ids_to_tokens(want["bos"]), None
+        return t
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", wrong)
+    assert wrong(str(path.parent), gguf_file=path.name).eos_token_id == want["bos"]
+    tok = load_tokenizer(path)
+    assert {r: getattr(tok, f"{r}_token_id") for r in want} == want

@@ -128,6 +128,24 @@ def test_few_eval_batches_sample_every_task(setup, tmp_path):
     assert len(seen[0]) >= 3 and seen[0] == seen[1], seen
 
 
+def test_eos_token_id_ends_every_sample(setup, tmp_path, monkeypatch):
+    from meteora_jax import data as data_lib
+
+    seen = []
+    real = data_lib.tokenize
+
+    def spy(samples, tokenizer, *a, **kw):
+        out = real(samples, tokenizer, *a, **kw)
+        seen.extend(ex.tokens[-1] for ex in out[0])
+        return out
+
+    monkeypatch.setattr(data_lib, "tokenize", spy)
+    train(_cfg(setup, tmp_path / "run", steps=1, eos_token_id=5, max_len=16, buckets="16"))
+    assert seen and all(t == 5 for t in seen)
+    with pytest.raises(SystemExit, match="--eos-token-id 10000 is outside"):
+        train(_cfg(setup, tmp_path / "run2", steps=1, eos_token_id=10000))
+
+
 def _run_cli(setup, run_dir, *extra):
     args = [sys.executable, "-m", "meteora_jax.train", "--checkpoint", str(setup / "ckpt"), "--tokenizer",
             str(setup / "tok"), "--data", str(setup / "data"), "--prompt-format", "{prompt}", "--run-dir",

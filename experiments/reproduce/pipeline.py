@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     p.add_argument("--gate-lr", type=float, default=2e-3, help="peak gate learning rate (2e-3)")
     p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
+    p.add_argument("--eos-token-id", type=int,
+                   help="end-of-text token for gate training and the evaluations in place of the tokenizer's: the "
+                        "one the adapters were trained with (1 for the bundle of 2026-11-23, see README.md)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -148,8 +151,9 @@ def main(argv=None) -> int:
     comps = [str(c) for c in sorted((data / "composite").glob("composite_*.jsonl"),
                                     key=lambda c: int(c.stem.split("_")[1]))] if (data / "composite").exists() else []
     names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
+    eos = ["--eos-token-id", str(a.eos_token_id)] if a.eos_token_id is not None else []
     evaluate = [py, "-m", "meteora_jax.evaluate", "--tokenizer", base, "--data", data / "tasks",
-                "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit]
+                "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit, *eos]
     for stage in stages:
         if stage == "data" and a.data_from:
             if data.exists() and not a.force:
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
                           str(a.gate_steps or z["gate_steps"]), "--batch-size",
                           str(a.gate_batch or z["gate_batch"]), "--lr", str(a.gate_lr), "--max-len", str(z["max_len"]),
                           "--buckets", "128,256,512",
-                          "--eval-every", "100", "--save-every", "100", "--overwrite", "--no-progress"], final)
+                          "--eval-every", "100", "--save-every", "100", "--overwrite", "--no-progress", *eos], final)
         elif stage == "check":
             t = a.check_task or names[0]
             r.run(stage, [py, HERE / "peft_crosscheck.py", "--base", base, "--adapter", work / "adapters" / t,
