@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 MODELS = [("base", "base"), ("lora_b", "LoRA-B"), ("oracle", "oracle LoRA"), ("meteora_top1", "MeteoRA top-1"),
-          ("meteora_top2", "MeteoRA top-2"), ("meteora_top2_cpu", "MeteoRA top-2 (2nd run)")]
+          ("meteora_top2", "MeteoRA top-2"), ("meteora_top2_cpu", "MeteoRA top-2 (rerun)")]
 TARGET_RATIO, TARGET_BEATS, TARGET_ROUTING = 0.95, 0.80, 0.90
 
 
