@@ -229,7 +229,8 @@ def load_model_and_data(cfg: TrainConfig, run_dir: Path):
     return model, load_tokenizer(cfg.tokenizer), Path(cfg.data), data_lib.PROMPT_FORMAT
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def prepare_run_dir(cfg: TrainConfig, check_only: bool = False) -> Path:
+    """The run folder, checked against --resume / --overwrite; `check_only`: check, change nothing."""
     run_dir = Path(cfg.run_dir).absolute()
     saved = run_dir / "config.json"
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "overwrite", "progress")}
@@ -243,9 +244,13 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
             raise SystemExit(f"error: {run_dir} already exists (use --resume to continue it or --overwrite)")
+        if check_only:
+            return run_dir
         import shutil
 
         shutil.rmtree(run_dir)
+    if check_only:
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = saved.with_suffix(".tmp")
     tmp.write_text(json.dumps(mine, indent=2))
@@ -257,7 +262,10 @@ def train(cfg: TrainConfig) -> dict:
     """Run training; returns a summary (final metrics, paths)."""
     sharding.initialize_distributed(cfg.coordinator, cfg.num_processes, cfg.process_id)
     mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None
-    run_dir = prepare_run_dir(cfg)
+    demo = cfg.checkpoint is None and cfg.data is None
+    # the demo builds its model inside the run folder; otherwise the folder is only checked here and made (or
+    # replaced, with --overwrite) once every input has been read, so a bad input loses no earlier run
+    run_dir = prepare_run_dir(cfg, check_only=not demo)
     model, tokenizer, data_dir, prompt_format = load_model_and_data(cfg, run_dir)
     prompt_format = cfg.prompt_format or prompt_format
     if cfg.eos_token_id is not None:
@@ -292,6 +300,8 @@ def train(cfg: TrainConfig) -> dict:
     # shuffled once (the same batches at every evaluation), so --eval-batches N samples every task, not the first
     test_plan = data_lib.BatchPlan(splits["test"], cfg.batch_size, buckets, cfg.seed, pad,
                                    drop_remainder=False, shuffle=True)
+    if not demo:
+        run_dir = prepare_run_dir(cfg)
 
     optimizer, sched = make_optimizer(model, cfg, wrt)
     ckpts = TrainCheckpoints(run_dir / "checkpoints", keep=cfg.keep)

@@ -128,6 +128,21 @@ def test_few_eval_batches_sample_every_task(setup, tmp_path):
     assert len(seen[0]) >= 3 and seen[0] == seen[1], seen
 
 
+def test_overwrite_keeps_the_old_run_when_an_input_is_bad(setup, tmp_path):
+    """--overwrite replaces a run only once every input has been read: a missing data folder, a bad --eos-token-id
+    or a missing checkpoint leave the old run as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("old\n")
+    bad = [dict(data=str(tmp_path / "no-data")), dict(eos_token_id=10**6), dict(checkpoint=str(tmp_path / "none"))]
+    for kw in bad:
+        with pytest.raises((SystemExit, DataError, FileNotFoundError, ValueError)):
+            train(_cfg(setup, run, overwrite=True, **kw))
+        assert (run / "metrics.jsonl").read_text() == "old\n", kw
+    train(_cfg(setup, run, overwrite=True, steps=1))
+    assert (run / "metrics.jsonl").read_text() != "old\n"
+
+
 def test_eos_token_id_ends_every_sample(setup, tmp_path, monkeypatch):
     from meteora_jax import data as data_lib
 
