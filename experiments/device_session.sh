@@ -7,9 +7,9 @@
 # anew on every call), each logging to /tmp/res/JOB.log and its start/end to /tmp/res/progress; a job's results
 # land in /tmp/res. A later call of the device tool can wait on them while the machine stays warm.
 # Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
-# stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB files under /tmp/res/bundle), unbundle (a working folder
-# rebuilt from such files carried to /tmp/bundle, so `repro` goes on with the evaluations), kernels_test,
-# layer_bench, generate_bench.
+# stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
+# files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
+# `repro` goes on with the evaluations), kernels_test, layer_bench, generate_bench.
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress

@@ -131,6 +131,13 @@ class Example:
     response: np.ndarray  # [L] bool: token belongs to a response (or is the final EOS)
 
 
+def set_eos(tokenizer, token_id: int) -> None:
+    """Make `token_id` the tokenizer's end-of-text token (what `tokenize` appends and generation stops at)."""
+    if not 0 <= token_id < len(tokenizer):
+        raise DataError(f"--eos-token-id {token_id} is outside the tokenizer's vocabulary (0..{len(tokenizer) - 1})")
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(token_id)
+
+
 def tokenize(samples: Sequence[Sample], tokenizer, max_len: int, *, overlong: str = "truncate"
              ) -> tuple[list[Example], dict[str, int]]:
     """Token ids with per-token task labels. `overlong` is "truncate" or "skip"; returns stats with counts."""

@@ -456,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = load_tokenizer(path)
     if args.eos_token_id is not None:
-        if not 0 <= args.eos_token_id < len(tok):
-            raise SystemExit(f"error: --eos-token-id {args.eos_token_id} is outside the tokenizer's vocabulary "
-                             f"(0..{len(tok) - 1}) of {path}")
-        tok.eos_token = tok.convert_ids_to_tokens(args.eos_token_id)
+        try:
+            data_lib.set_eos(tok, args.eos_token_id)
+        except data_lib.DataError as e:
+            raise SystemExit(f"error: {e} of {path}") from None
     names = model.meteora_config.expert_names if isinstance(model, MeteoraLlama) else ()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens)

@@ -269,10 +269,10 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer, data_dir, prompt_format = load_model_and_data(cfg, run_dir)
     prompt_format = cfg.prompt_format or prompt_format
     if cfg.eos_token_id is not None:
-        if not 0 <= cfg.eos_token_id < len(tokenizer):
-            raise SystemExit(f"error: --eos-token-id {cfg.eos_token_id} is outside the tokenizer's vocabulary "
-                             f"(0..{len(tokenizer) - 1})")
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(cfg.eos_token_id)
+        try:
+            data_lib.set_eos(tokenizer, cfg.eos_token_id)
+        except data_lib.DataError as e:
+            raise SystemExit(f"error: {e}") from None
     routing = {k: getattr(cfg, k) for k in ("top_k", "temperature", "routing", "strategy")
                if getattr(cfg, k) is not None}
     set_routing(model, forced_expert=None, adapters_enabled=True, **routing)

@@ -105,7 +105,7 @@ def test_unpack_refuses_chunks_of_two_packs(work, tmp_path):
 
     def rewrite(src, dst, drop=()):
         with safe_open(str(src), "np") as g:
-            meta = {k: v for k, v in g.metadata().items() if k not in ("pack_id", "tensors")}
+            meta = {k: v for k, v in g.metadata().items() if k != "pack_id"}
             data = {k: g.get_tensor(k) for k in g.keys() if k not in drop}
         save_file(data, str(dst), metadata=meta)
 

@@ -78,8 +78,7 @@ def pack(work: Path, out: Path, max_mb: float) -> list[Path]:
         path = out / f"bundle-{i:02d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
         save_file(chunk, str(tmp), metadata={"adapter_configs": json.dumps(configs), "chunk": str(i),
-                                             "chunks": str(len(chunks)), "pack_id": pack_id,
-                                             "tensors": str(len(tensors))})
+                                             "chunks": str(len(chunks)), "pack_id": pack_id})
         tmp.replace(path)
         paths.append(path)
     return paths
@@ -92,7 +91,7 @@ def unpack(bundle: Path, work: Path, base: Path, gates: bool = True) -> None:
     files = sorted(bundle.glob("bundle-*.safetensors"))
     if not files:
         raise SystemExit(f"error: no bundle-*.safetensors in {bundle}")
-    tensors, configs, ids, expected = {}, None, {}, None
+    tensors, configs, ids = {}, None, {}
     for f in files:
         with safe_open(str(f), "flax") as g:  # numpy has no bfloat16
             meta = g.metadata() or {}
@@ -100,13 +99,10 @@ def unpack(bundle: Path, work: Path, base: Path, gates: bool = True) -> None:
                 raise SystemExit(f"error: {f} is one of {meta.get('chunks')} chunks, {bundle} holds {len(files)}")
             configs = json.loads(meta["adapter_configs"])
             ids[f.name] = meta.get("pack_id")  # absent in bundles written before the id existed
-            expected = int(meta["tensors"]) if "tensors" in meta else None
             tensors.update({k: np.asarray(g.get_tensor(k).astype("float32")) for k in g.keys()})
     if len(set(ids.values())) > 1:
         raise SystemExit(f"error: {bundle} mixes chunks of different packs (pack_id per file: {ids}); "
                          f"use the files of one `pack` run together")
-    if expected is not None and expected != len(tensors):
-        raise SystemExit(f"error: {bundle}: the pack held {expected} tensors, these files {len(tensors)}")
     # every adapter of one group has the same tensor names (same modules and layers): a missing one means the
     # chunks do not belong together
     for group in GROUPS:
