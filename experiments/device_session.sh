@@ -9,7 +9,9 @@
 # Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
 # stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
-# `repro` goes on with the evaluations), kernels_test, layer_bench, generate_bench.
+# `repro` goes on with the evaluations), kernels_test, layer_bench, layer_tune (writes tune.json), layer_bench_tuned (uses it), generate_bench, profile and
+# profile_cmdbuf (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and
+# conditionals into CUDA graphs).
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -21,6 +23,7 @@ fi
 mkdir -p "$RES" && rm -rf /tmp/proj && cp -a . /tmp/proj && rm -rf /tmp/proj/.devcarry/smollm2 && cd /tmp/proj
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:/tmp/proj JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 GGUF=/tmp/m/SmolLM2-135M-Instruct.Q4_1.gguf
+CMDBUF=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
 run() {  # run NAME CMD...: log, time and record one job
   local name=$1; shift
   echo "$name" > "$RES/running"
@@ -46,6 +49,12 @@ for job in "$@"; do
            mkdir -p "$RES/repro_results" && cp -r /tmp/repro/results/. /tmp/repro/commands.jsonl "$RES/repro_results/" ;;
     kernels_test) run kernels_test python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
     layer_bench) run layer_bench python3 experiments/bench_layer.py --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
+    layer_bench_tuned) run layer_bench_tuned python3 experiments/bench_layer.py --out "$RES/layer_bench" \
+                         --block-sizes "$RES/layer_bench/tune.json" ${LAYER_ARGS:-} ;;
+    layer_tune) run layer_tune python3 experiments/bench_layer.py --tune --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
+    profile) run profile python3 experiments/profile_decode.py --out "$RES/profile.json" ${PROFILE_ARGS:-} ;;
+    profile_cmdbuf) run profile_cmdbuf env XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" python3 experiments/profile_decode.py \
+                      --out "$RES/profile_cmdbuf.json" ${PROFILE_ARGS:-} ;;
     generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
                       ${GENERATE_ARGS:-} ;;
     *) echo "== unknown job $job" >> "$RES/progress" ;;
