@@ -77,6 +77,9 @@ def jax_layer(name: str, block_sizes=None):
         return lambda x, p: x @ p["W"]
     if name == "lora":
         return lambda x, p: x @ p["W"] + ((x @ p["A"][0]) * p["s"][0].astype(x.dtype)) @ p["B"][0]
+    if name == "fused-add":  # the routed pair adds the adapter term into the base output's buffer
+        bs = block_sizes or mp.BlockSizes()
+        return lambda x, p: mp.meteora_fused_add(x, x @ p["W"], p["A"], p["B"], p["s"], p["e"], p["w"], block_sizes=bs)
     fn = jax_strategy(name, block_sizes)
     return lambda x, p: x @ p["W"] + fn(x, p["A"], p["B"], p["s"], p["e"], p["w"])
 
@@ -272,8 +275,13 @@ TUNE = {  # changes from the BlockSizes defaults tried per token count (a small 
                dict(decode_block_in=2048, decode_max_elems=32768, decode_warps=8),
                dict(decode_block_in=1024, decode_max_elems=16384, decode_warps=8, decode_block_out=64),
                dict(decode_block_in=1024, decode_max_elems=16384, decode_warps=8, decode_block_out=32),
-               dict(decode_max_tokens=0)],
-    "small": [dict(shrink_split=1), dict(shrink_split=8), dict(shrink_split=32), dict(shrink_block_cols=64),
+               dict(decode_max_tokens=0), dict(decode_kernel="split"), dict(decode_kernel="split", routed_splits=64),
+               dict(decode_kernel="split", routed_splits=16), dict(decode_kernel="split", routed_block_out=64),
+               dict(decode_kernel="split", routed_block_in=128)],
+    "small": [dict(decode_max_tokens=64, decode_kernel="split"),
+              dict(decode_max_tokens=64, decode_kernel="split", routed_block_out=64),
+              dict(decode_max_tokens=64, decode_kernel="split", routed_splits=64),
+              dict(shrink_split=1), dict(shrink_split=8), dict(shrink_split=32), dict(shrink_block_cols=64),
               dict(shrink_block_in=128), dict(expand_block_out=32), dict(expand_block_out=128)],
     "mid": [dict(shrink_block_cols=256), dict(shrink_split=1), dict(shrink_split=4), dict(expand_block_out=128),
             dict(shrink_block_tokens=32)],
@@ -284,8 +292,10 @@ TUNE = {  # changes from the BlockSizes defaults tried per token count (a small 
 
 
 def tune(tokens, out_dir):
-    """Coordinate search over `BlockSizes` for `fused` (8 layers, one pass); writes tune.json after each T."""
-    rows = []
+    """Coordinate search over `BlockSizes` for `fused` (8 layers, one pass); writes tune.json after each T
+    (keeping an existing tune.json's rows of the other token counts)."""
+    path = os.path.join(out_dir, "tune.json")
+    rows = [r for r in json.load(open(path)) if r["T"] not in tokens] if os.path.exists(path) else []
     for t in tokens:
         layers, x = make_layers(t)
         params, xj = to_jax(layers, x)
@@ -300,8 +310,9 @@ def tune(tokens, out_dir):
             rows.append(dict(impl="fused", T=t, change=c, ms=sec * 1e3, ratio=sec / base))
             print(f"tune T={t:6d} {json.dumps(c):90s} {sec * 1e3:8.4f} ms {sec / base:6.3f}x", flush=True)
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "tune.json"), "w") as f:
+        with open(path + ".tmp", "w") as f:
             json.dump(rows, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def best_block_sizes(path):
@@ -317,7 +328,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--jax", default="base,lora,loop,gather,dense,fused,triton")
+    ap.add_argument("--jax", default="base,lora,loop,gather,dense,fused,fused-add,triton")
+    ap.add_argument("--add-max-tokens", type=int, default=64, help="largest T for fused-add (a few-token path)")
     ap.add_argument("--torch", default="base,lora,loop-original,bmm-torch")
     ap.add_argument("--train", default="gather,dense,fused,triton")
     ap.add_argument("--train-tokens", default="1,64,1024,4096,16384")
@@ -347,8 +359,10 @@ def main(argv=None):
         base = None
         bs = mp.BlockSizes(**chosen.get(t, {}))
         for nm in jax_names:
+            if nm == "fused-add" and t > args.add_max_tokens:
+                continue
             try:
-                sec, extra = bench_jax_layer(nm, params, xj, bs if nm in ("fused", "triton") else None)
+                sec, extra = bench_jax_layer(nm, params, xj, bs if nm in ("fused", "fused-add", "triton") else None)
             except Exception as err:  # one strategy failing (or out of memory) must not lose the others
                 print(f"jax   {nm:14s} T={t:6d} FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
                 continue

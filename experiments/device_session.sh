@@ -9,9 +9,11 @@
 # Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
 # stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
-# `repro` goes on with the evaluations), kernels_test, layer_bench, layer_tune (writes tune.json), layer_bench_tuned (uses it), generate_bench, profile and
-# profile_cmdbuf (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and
-# conditionals into CUDA graphs).
+# `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
+# layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
+# layer_bench_tuned (uses that tune.json), generate_bench, profile and profile_cmdbuf
+# (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
+# CUDA graphs).
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -51,7 +53,9 @@ for job in "$@"; do
     layer_bench) run layer_bench python3 experiments/bench_layer.py --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
     layer_bench_tuned) run layer_bench_tuned python3 experiments/bench_layer.py --out "$RES/layer_bench" \
                          --block-sizes "$RES/layer_bench/tune.json" ${LAYER_ARGS:-} ;;
-    layer_tune) run layer_tune python3 experiments/bench_layer.py --tune --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
+    layer_tune) run layer_tune python3 experiments/bench_layer.py --tune --out "$RES/layer_bench" ${TUNE_ARGS:-} ;;
+    kernels_routed) run kernels_routed python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider \
+                      -k "routed or split" ;;
     profile) run profile python3 experiments/profile_decode.py --out "$RES/profile.json" ${PROFILE_ARGS:-} ;;
     profile_cmdbuf) run profile_cmdbuf env XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" python3 experiments/profile_decode.py \
                       --out "$RES/profile_cmdbuf.json" ${PROFILE_ARGS:-} ;;

@@ -55,6 +55,7 @@ class BlockSizes:
     decode_block_in: int = 512
     decode_max_elems: int = 8192  # cap on the decode kernel's [pairs, block_in, r] tile
     decode_warps: int = 4
+    decode_kernel: str = "matvec"  # for N <= decode_max_tokens: "matvec" (one launch) or "split" (the routed pair)
     shrink_block_tokens: int = 64
     shrink_block_cols: int | None = None  # None: 32 for N <= 256 (finer skipping), else all E*r (<= 256)
     shrink_block_in: int = 64
@@ -68,6 +69,10 @@ class BlockSizes:
     weight_block_out: int = 128
     weight_block_tokens: int = 64
     target_programs: int = 132  # one wave of an H100
+    routed_max_tokens: int = 16  # the MeteoRA linear runs gate + adapter term in two launches for N <= this
+    routed_block_in: int = 64  # routed shrink: D rows per step
+    routed_splits: int = 32  # routed shrink: programs (partial sums the expand adds up), for N <= 16
+    routed_block_out: int = 128  # routed expand: output columns per program
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -362,6 +367,8 @@ def _forward(x, a, b, scaling, experts, weights, bs, impl, keep_p=False):
 def fused_apply(x, a, b, scaling, experts, weights, bs: BlockSizes, impl: Impl):
     """The adapter term through `impl`'s kernels (no argument checks; see `meteora_fused`)."""
     if x.shape[0] <= bs.decode_max_tokens:
+        if bs.decode_kernel == "split" and impl.matmul is _matmul:
+            return _routed_forward(x, None, None, a, b, scaling, experts, weights, None, bs, impl.interpret)
         return impl.decode(x, a, b, scaling, experts, weights, bs, impl.interpret)
     return _forward(x, a, b, scaling, experts, weights, bs, impl)[0]
 
@@ -414,6 +421,270 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
         interpret = jax.default_backend() != "gpu"
     impl = Impl(matmul=_matmul, decode=_decode, interpret=bool(interpret))
     return fused_apply(x, a, b, scaling, experts, weights, block_sizes or BlockSizes.get_default(), impl)
+
+
+# ------------------------------------------------------------------- routed decode: gate + adapter term
+# For a few tokens (decode), the MeteoRA linear's gate, routing and adapter term in two launches, added to the
+# base output y in place (inference; the backward recomputes through `routed_reference`):
+#   shrink  programs s over D ranges:  Lp[s] = x[:, Ds] @ G[Ds]  (f32),  Pp[s] = x[:, Ds] @ a_wide[Ds]  (partials)
+#   expand  programs over output tiles: L = sum_s Lp[s], P = sum_s Pp[s]; each token's top-k experts and weights
+#           from L (as `meteora.route`), coef [N, E*r]; y[:, tile] += (coef * P) @ b_wide[picked rows, tile].
+# Rows of b_wide of experts no token picked are never loaded. The expand's first program also writes the
+# logits, experts and weights (the routing the model returns).
+
+@dataclasses.dataclass(frozen=True)
+class RouteSpec:
+    """How the routed expand picks experts: from the gate logits (`top_k`, `temperature`, `routing` as in
+    `meteora_jax.meteora.route`), or every token on `forced_expert` with weight 1 (then top_k is 1)."""
+
+    top_k: int
+    temperature: float = 1.0
+    routing: str = "topk_softmax"
+    forced_expert: int | None = None
+
+
+def _routed_shrink_kernel(x_ref, g_ref, a_ref, lp_ref, pp_ref, *, n, d, e, r, bm, bd, chunks, ep, cp, gate, dtype,
+                          interpret):
+    s = pl.program_id(0)
+    rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
+    rmask, emask, cmask = rows < n, ecols < e, ccols < e * r
+    wide = Wide(d, r)
+
+    def body(t, carry):
+        lg, p = carry
+        dd = (s * chunks + t) * bd + _iota(bd)
+        dmask = dd < d
+        xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
+        av = _load(a_ref, wide.off(dd[:, None], ccols[None, :]), dmask[:, None] & cmask[None, :], interpret)
+        p = p + _dot(xv.astype(dtype), av.astype(dtype))
+        if gate:
+            gv = _load(g_ref, dd[:, None] * e + ecols[None, :], dmask[:, None] & emask[None, :], interpret)
+            lg = lg + _dot(xv.astype(jnp.float32), gv.astype(jnp.float32))
+        return lg, p
+
+    lg, p = lax.fori_loop(0, chunks, body, (jnp.zeros((bm, ep), jnp.float32), jnp.zeros((bm, cp), jnp.float32)))
+    _store(pp_ref, (s * n + rows[:, None]) * (e * r) + ccols[None, :], p, rmask[:, None] & cmask[None, :], interpret)
+    if gate:
+        _store(lp_ref, (s * n + rows[:, None]) * e + ecols[None, :], lg, rmask[:, None] & emask[None, :], interpret)
+
+
+def _pick(logits, valid, ecols, spec: RouteSpec):
+    """Per token (rows of `logits [bm, ep]`), the top-k experts and their weights, as `meteora.route` (ties to
+    the lower index, as `lax.top_k`)."""
+    neg = jnp.float32(-jnp.inf)
+    v = jnp.where(valid, logits, neg)
+    if spec.routing == "softmax_topk":
+        z = jnp.exp((v - jnp.max(v, axis=1, keepdims=True)) / spec.temperature)
+        v = jnp.where(valid, z / jnp.sum(z, axis=1, keepdims=True), neg)
+    vals, idx = [], []
+    for _ in range(spec.top_k):
+        m = jnp.max(v, axis=1)
+        i = jnp.min(jnp.where(v == m[:, None], ecols[None, :], ecols.shape[0]), axis=1)
+        vals.append(m)
+        idx.append(i)
+        v = jnp.where(ecols[None, :] == i[:, None], neg, v)
+    if spec.routing == "softmax_topk":
+        tot = functools.reduce(jnp.add, vals)
+        return idx, [u / tot for u in vals]
+    if spec.top_k == 1:
+        return idx, [jnp.ones_like(vals[0])]
+    ex = [jnp.exp((u - vals[0]) / spec.temperature) for u in vals]
+    tot = functools.reduce(jnp.add, ex)
+    return idx, [u / tot for u in ex]
+
+
+def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, parts, spec, has_y, dtype, interpret):
+    refs = list(refs)
+    pp_ref = refs.pop(0)
+    given = spec is None
+    gate = not given
+    lp_ref = refs.pop(0) if gate else None
+    e_ref, w_ref = (refs.pop(0), refs.pop(0)) if given else (None, None)
+    b_ref, s_ref = refs.pop(0), refs.pop(0)
+    y_ref = refs.pop(0) if has_y else None
+    out_ref = refs.pop(0)
+    pid = pl.program_id(0)
+    rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
+    cols = pid * bn + _iota(bn)
+    rmask, emask, cmask, omask = rows < n, ecols < e, ccols < e * r, cols < o
+    c = e * r
+
+    def add_parts(t, carry):
+        lg, p = carry
+        p = p + _load(pp_ref, (t * n + rows[:, None]) * c + ccols[None, :], rmask[:, None] & cmask[None, :],
+                      interpret)
+        if gate:
+            lg = lg + _load(lp_ref, (t * n + rows[:, None]) * e + ecols[None, :], rmask[:, None] & emask[None, :],
+                            interpret)
+        return lg, p
+
+    lg, p = lax.fori_loop(0, parts, add_parts, (jnp.zeros((bm, ep), jnp.float32), jnp.zeros((bm, cp), jnp.float32)))
+    if given:  # routing passed in: experts / weights [N * k]
+        idx = [_load(e_ref, rows * k + j, rmask, interpret) for j in range(k)]
+        wts = [_load(w_ref, rows * k + j, rmask, interpret) for j in range(k)]
+    elif spec.forced_expert is None:
+        idx, wts = _pick(lg, emask[None, :], ecols, spec)
+    else:
+        idx, wts = [jnp.full((bm,), spec.forced_expert, jnp.int32)], [jnp.ones((bm,), jnp.float32)]
+    ce = lax.div(ccols, r)
+    sc = _load(s_ref, ce, cmask, interpret)
+    coef = functools.reduce(jnp.add, [jnp.where(ce[None, :] == i[:, None], w[:, None], 0.0)
+                                      for i, w in zip(idx, wts, strict=True)])
+    coef = jnp.where(rmask[:, None], coef * sc[None, :], 0.0)
+    picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of b_wide to read
+    h = (coef * p).astype(dtype)
+    bw = _load(b_ref, ccols[:, None] * o + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
+    delta = _dot(h, bw.astype(dtype)).astype(out_ref.dtype)
+    omask2 = rmask[:, None] & omask[None, :]
+    off = rows[:, None] * o + cols[None, :]
+    if has_y:
+        yv = _load(y_ref, off, omask2, interpret)
+        delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
+    _store(out_ref, off, delta, omask2, interpret)
+    if gate:  # the routing, once (program 0)
+        lg_ref, ex_ref, wt_ref = refs
+        first = pid == 0
+        _store(lg_ref, rows[:, None] * e + ecols[None, :], lg, (rmask[:, None] & emask[None, :]) & first, interpret)
+        for j in range(k):
+            _store(ex_ref, rows * k + j, idx[j], rmask & first, interpret)
+            _store(wt_ref, rows * k + j, wts[j], rmask & first, interpret)
+
+
+def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
+    """(bm, bd, chunks, parts): token rows (a power of two >= 16), D rows per shrink step, steps per shrink
+    program, and shrink programs (= partial sums the expand adds up; fewer for more tokens)."""
+    bm, bd = _p2(n, 16), bs.routed_block_in
+    steps = pl.cdiv(d, bd)
+    chunks = pl.cdiv(steps, max(1, bs.routed_splits // (bm // 16)))
+    return bm, bd, chunks, pl.cdiv(steps, chunks)
+
+
+def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec | None, bs: BlockSizes,
+                    interpret: bool):
+    """The two launches. `spec` None: routing given (experts, weights); else the gate picks (or forces) it.
+    Returns y + delta (or delta when y is None), and with a gate (logits [N, E], experts, weights)."""
+    n, d = x.shape
+    e, _, r = a.shape
+    o = b.shape[-1]
+    f32 = jnp.float32
+    bm, bd, chunks, parts = routed_tiles(bs, n, d)
+    ep, cp = _p2(e, 16), _p2(e * r, 16)
+    gated = spec is not None
+    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, e=e, r=r, bm=bm, bd=bd, chunks=chunks, ep=ep, cp=cp,
+                               gate=gated, dtype=x.dtype, interpret=interpret)
+    lp, pp = pl.pallas_call(
+        shrink, grid=(parts,),
+        out_shape=(jax.ShapeDtypeStruct((parts * n * e if gated else 1,), f32),
+                   jax.ShapeDtypeStruct((parts * n * e * r,), f32)),
+        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
+        name="meteora_routed_shrink",
+    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1))
+    k = spec.top_k if gated else experts.shape[1]
+    args = [pp] + ([lp] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
+    args += [b.reshape(-1), scaling.astype(f32)]
+    out_dtype = x.dtype if y is None else y.dtype
+    aliases = {}
+    if y is not None:
+        aliases = {len(args): 0}
+        args.append(y.reshape(-1))
+    out_shape = [jax.ShapeDtypeStruct((n * o,), out_dtype)]
+    if gated:
+        out_shape += [jax.ShapeDtypeStruct((n * e,), f32), jax.ShapeDtypeStruct((n * k,), jnp.int32),
+                      jax.ShapeDtypeStruct((n * k,), f32)]
+    bn = bs.routed_block_out
+    expand = functools.partial(_routed_expand_kernel, n=n, e=e, r=r, o=o, k=k, bm=bm, bn=bn, ep=ep, cp=cp,
+                               parts=parts, spec=spec, has_y=y is not None, dtype=x.dtype, interpret=interpret)
+    outs = pl.pallas_call(
+        expand, grid=(pl.cdiv(o, bn),), out_shape=tuple(out_shape), input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
+        name="meteora_routed_expand",
+    )(*args)
+    out = outs[0].reshape(n, o)
+    if not gated:
+        return out
+    return out, outs[1].reshape(n, e), outs[2].reshape(n, k), outs[3].reshape(n, k)
+
+
+def meteora_fused_add(x, y, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,
+                      interpret: bool | None = None):
+    """`y + delta` for given routing through the routed pair (forward only; meant for a few tokens): the adapter
+    term is added into the base output's buffer, with no separate add."""
+    check_args(x, a, b, scaling, experts, weights)
+    if y.shape != (x.shape[0], b.shape[-1]):
+        raise ValueError(f"meteora_fused_add: y {y.shape} must be [N={x.shape[0]}, out={b.shape[-1]}]")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _routed_forward(x, y, None, a, b, scaling, experts, weights, None, block_sizes or BlockSizes.get_default(),
+                           bool(interpret))
+
+
+def routed_weights(logits, experts, spec: RouteSpec):
+    """The routing weights of given experts from gate logits, as `meteora.route` computes them (differentiable)."""
+    logits = logits.astype(jnp.float32)
+    if spec.forced_expert is not None or (spec.top_k == 1 and spec.routing == "topk_softmax"):
+        return jnp.ones(experts.shape, jnp.float32)
+    if spec.routing == "topk_softmax":
+        return jax.nn.softmax(jnp.take_along_axis(logits, experts, axis=-1) / spec.temperature, axis=-1)
+    w = jnp.take_along_axis(jax.nn.softmax(logits / spec.temperature, axis=-1), experts, axis=-1)
+    return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def routed_reference(x, y, gate, a, b, scaling, experts, spec: RouteSpec):
+    """Pure JAX (float32) of the routed path for given experts: (y + delta, logits, weights)."""
+    logits = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    weights = routed_weights(logits, experts, spec)
+    delta = meteora_reference(x, a, b, scaling, experts, weights)
+    out = (y.astype(jnp.float32) + delta.astype(y.dtype).astype(jnp.float32)).astype(y.dtype)
+    return out, logits, weights
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def routed_apply(x, y, gate, a, b, scaling, spec: RouteSpec, bs: BlockSizes, interpret: bool):
+    """(y + delta, logits, experts, weights) through the routed kernels (no argument checks)."""
+    return _routed_forward(x, y, gate, a, b, scaling, None, None, spec, bs, interpret)
+
+
+def _routed_fwd(x, y, gate, a, b, scaling, spec, bs, interpret):
+    outs = _routed_forward(x, y, gate, a, b, scaling, None, None, spec, bs, interpret)
+    return outs, (x, y, gate, a, b, scaling, outs[2])
+
+
+def _routed_bwd(spec, bs, interpret, res, g):
+    """Through the reference, with the experts the forward picked (the routing is piecewise constant)."""
+    x, y, gate, a, b, scaling, experts = res
+    g_out, g_logits, _, g_weights = g
+    _, vjp = jax.vjp(lambda *p: routed_reference(*p, experts, spec), x, y, gate, a, b, scaling)
+    return vjp((g_out, g_logits, g_weights))
+
+
+routed_apply.defvjp(_routed_fwd, _routed_bwd)
+
+
+def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float = 1.0, routing: str = "topk_softmax",
+                   forced_expert: int | None = None, block_sizes: BlockSizes | None = None,
+                   interpret: bool | None = None):
+    """A MeteoRA linear's adapter part for a few tokens: gate logits `x @ gate` (f32), each token's top-k experts
+    and weights (as `meteora_jax.meteora.route`, or `forced_expert` with weight 1), and `y + delta`.
+
+    x [N, in], y [N, out] (the base output; its buffer is reused), gate [in, E] (f32), a [E, in, r], b [E, r, out]
+    (cast to x's dtype beforehand), scaling [E]. Returns (y + delta, logits [N, E] f32, experts [N, k] int32,
+    weights [N, k] f32). Differentiable in x, y, gate, a, b and scaling (the backward runs the reference).
+    """
+    n = x.shape[0]
+    check_args(x, a, b, scaling, jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), jnp.float32))
+    e_num, d, _ = a.shape
+    if gate.shape != (d, e_num) or y.shape != (n, b.shape[-1]):
+        raise ValueError(f"meteora_routed: gate {gate.shape} must be [in={d}, E={e_num}] and y {y.shape} "
+                         f"[N={n}, out={b.shape[-1]}]")
+    if routing not in ("topk_softmax", "softmax_topk"):
+        raise ValueError(f"meteora_routed: routing must be topk_softmax or softmax_topk, got {routing!r}")
+    k = 1 if forced_expert is not None else top_k
+    if not 1 <= k <= e_num:
+        raise ValueError(f"meteora_routed: top_k must be in 1..{e_num}, got {top_k}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    spec = RouteSpec(k, float(temperature), routing, forced_expert)
+    return routed_apply(x, y, gate, a, b, scaling, spec, block_sizes or BlockSizes.get_default(), bool(interpret))
 
 
 def check_args(x, a, b, scaling, experts, weights):

@@ -5,9 +5,15 @@ experts [N, k], weights [N, k]) -> [N, out]`); `strategies.py` merges `STRATEGIE
 so `MeteoraConfig(strategy="fused")` picks it. `fused` runs anywhere (Pallas interpret mode without a GPU);
 `triton` needs a GPU and jax-triton (`pip install 'meteora-jax[gpu]'`) and says so when called without them.
 Both are differentiable (custom VJP): the gate trains through them, and so can the experts.
+
+`ROUTED` maps a strategy to a function that runs a MeteoRA linear's gate, routing and adapter term together
+for a few tokens (decode): `MeteoraLinear` calls it, with the base output, when N <= `max_tokens`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 from kernels import meteora_pallas, meteora_triton
 
@@ -21,3 +27,15 @@ def triton(x, a, b, scaling, experts, weights):
 
 
 STRATEGIES = {"fused": fused, "triton": triton}
+
+
+@dataclasses.dataclass(frozen=True)
+class Routed:
+    """`fn(x, y, gate, a, b, scaling, *, top_k, temperature, routing, forced_expert) -> (y + delta, logits,
+    experts, weights)`, used for N <= max_tokens tokens."""
+
+    fn: Callable
+    max_tokens: int
+
+
+ROUTED = {"fused": Routed(meteora_pallas.meteora_routed, meteora_pallas.BlockSizes().routed_max_tokens)}

@@ -34,7 +34,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig
 from meteora_jax.llama import TARGET_MODULES, Linear, Llama
-from meteora_jax.strategies import STRATEGIES
+from meteora_jax.strategies import ROUTED, STRATEGIES
 
 ROUTINGS = ("topk_softmax", "softmax_topk")
 
@@ -159,6 +159,16 @@ class MeteoraLinear(Linear):
             return y, None
         lead, d_in = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, d_in).astype(self.dtype)
+        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+        routed = ROUTED.get(self.strategy)
+        if routed is not None and xf.shape[0] <= routed.max_tokens:  # decode: gate + adapter in two launches
+            y2, logits, experts, weights = routed.fn(
+                xf, y.reshape(xf.shape[0], -1), self.gate[...].astype(jnp.float32), a, b, self.scaling[...],
+                top_k=self.top_k, temperature=self.temperature, routing=self.routing,
+                forced_expert=self.forced_expert)
+            k = experts.shape[-1]
+            return y2.reshape(y.shape), Routing(logits.reshape(*lead, -1), experts.reshape(*lead, k),
+                                                weights.reshape(*lead, k))
         logits = xf.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)  # [N, E]
         if self.forced_expert is None:
             weights, experts = route(logits, self.top_k, self.temperature, self.routing)
@@ -166,7 +176,6 @@ class MeteoraLinear(Linear):
             experts = jnp.full((xf.shape[0], 1), self.forced_expert, jnp.int32)
             weights = jnp.ones((xf.shape[0], 1), jnp.float32)
         fn = STRATEGIES[self.strategy]
-        a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
         delta = fn(xf, a, b, self.scaling[...], experts, weights)
         y = y + delta.reshape(*lead, -1).astype(y.dtype)
         k = experts.shape[-1]

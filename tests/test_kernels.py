@@ -33,10 +33,11 @@ class Case:
     dtype: str = "float32"
     routing: str = "random"  # "random" | "unused" (2 experts never picked) | "one" (every token the same experts)
     decode: int = 1  # BlockSizes.decode_max_tokens
+    kernel: str = "matvec"  # BlockSizes.decode_kernel
 
     def __str__(self):
         return (f"n{self.n}-d{self.d}-o{self.o}-e{self.e}-r{self.r}-k{self.k}-{self.dtype}-{self.routing}"
-                f"-dec{self.decode}")
+                f"-dec{self.decode}{'' if self.kernel == 'matvec' else '-' + self.kernel}")
 
 
 def make_inputs(case: Case, seed: int):
@@ -75,7 +76,7 @@ class KernelsBase:
     IMPLS = ("fused",)
 
     def impl(self, name, case):
-        bs = mp.BlockSizes(decode_max_tokens=case.decode)
+        bs = mp.BlockSizes(decode_max_tokens=case.decode, decode_kernel=case.kernel)
         if name == "fused":
             return lambda *args: mp.meteora_fused(*args, block_sizes=bs, interpret=self.INTERPRET)
         if not mt.available():
@@ -133,6 +134,10 @@ class TestKernelsGpu(KernelsBase):
         Case(200, 256, 384, 6, 5, 1, "float32", "one"),
         Case(129, 384, 256, 7, 8, 2, "bfloat16", "one"),
         Case(19, 64, 48, 5, 6, 2, "float32"),
+        Case(1, 4096, 4096, 28, 8, 2, "bfloat16", kernel="split"),  # the routed pair with given routing
+        Case(16, 4096, 1024, 28, 8, 2, "bfloat16", decode=16, kernel="split"),
+        Case(5, 14336, 4096, 28, 8, 2, "bfloat16", "unused", decode=8, kernel="split"),
+        Case(3, 200, 130, 7, 6, 3, "float32", decode=4, kernel="split"),
     )
 
     @pytest.fixture(autouse=True)
@@ -149,6 +154,8 @@ class TestKernelsInterpret(KernelsBase):
         Case(19, 64, 48, 5, 6, 2),  # N not a multiple of the block, r not a power of two
         Case(37, 96, 80, 7, 8, 1, "bfloat16", "unused"),
         Case(21, 64, 40, 6, 5, 1, "float32", "one"),
+        Case(3, 200, 130, 7, 6, 3, "float32", decode=4, kernel="split"),  # the routed pair with given routing
+        Case(16, 96, 40, 28, 8, 2, "bfloat16", "unused", decode=16, kernel="split"),
     )
 
 
@@ -182,3 +189,151 @@ def test_model_strategy_fused_equals_gather():
     set_routing(model, strategy="fused")
     out = model(tokens).logits
     assert_close(out, ref, 1e-4, "logits")
+
+
+# ------------------------------------------------------------------ routed decode: gate + adapter, y in place
+@dataclasses.dataclass(frozen=True)
+class RCase:
+    n: int
+    d: int
+    o: int
+    e: int
+    r: int
+    k: int
+    dtype: str = "float32"
+    routing: str = "topk_softmax"
+    temperature: float = 1.0
+    forced: int | None = None
+
+    def __str__(self):
+        return (f"n{self.n}-d{self.d}-o{self.o}-e{self.e}-r{self.r}-k{self.k}-{self.dtype}-{self.routing}"
+                f"-t{self.temperature}" + ("" if self.forced is None else f"-forced{self.forced}"))
+
+
+ROUTED_CPU = (
+    RCase(1, 64, 48, 5, 8, 2),
+    RCase(3, 200, 130, 7, 6, 3, routing="softmax_topk", temperature=0.7),  # ragged D and out, r not a power of 2
+    RCase(16, 96, 40, 28, 8, 2, "bfloat16"),
+    RCase(5, 96, 40, 6, 5, 1),
+    RCase(2, 64, 48, 5, 8, 1, forced=3),
+)
+ROUTED_GPU = (
+    RCase(1, 4096, 4096, 28, 8, 2, "bfloat16"),
+    RCase(16, 4096, 14336, 28, 8, 2, "bfloat16"),
+    RCase(1, 14336, 4096, 28, 8, 2, "bfloat16", temperature=0.5),
+    RCase(7, 576, 1536, 10, 8, 2, "bfloat16", "softmax_topk", 0.5),
+    RCase(3, 200, 130, 7, 6, 3),
+    RCase(16, 64, 1024, 28, 8, 1),
+    RCase(4, 576, 192, 10, 8, 1, "bfloat16", forced=7),
+)
+
+
+def routed_inputs(c: RCase, seed: int):
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(c.dtype)
+    x = jnp.asarray(rng.standard_normal((c.n, c.d)), dt)
+    y = jnp.asarray(rng.standard_normal((c.n, c.o)), dt)
+    gate = jnp.asarray(rng.standard_normal((c.d, c.e)) / c.d ** 0.5, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((c.e, c.d, c.r)) / c.d ** 0.5, dt)
+    b = jnp.asarray(rng.standard_normal((c.e, c.r, c.o)) / c.r ** 0.5, dt)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, c.e), jnp.float32)
+    return x, y, gate, a, b, s
+
+
+def check_routed(c: RCase, interpret: bool, seed: int = 0):
+    """Kernels against `meteora.route` + the gathering float32 reference: experts equal, logits, weights, y + delta
+    close; gradients of a loss on all three outputs against those of the pure-JAX composition."""
+    from meteora_jax.meteora import route
+
+    args = routed_inputs(c, seed)
+    x, y, gate, a, b, s = args
+    kw = dict(top_k=c.k, temperature=c.temperature, routing=c.routing, forced_expert=c.forced)
+    fn = lambda *p: mp.meteora_routed(*p, **kw, interpret=interpret)
+    out, logits, experts, weights = fn(*args)
+    k = 1 if c.forced is not None else c.k
+    assert out.shape == (c.n, c.o) and out.dtype == y.dtype
+    assert logits.shape == (c.n, c.e) and experts.shape == weights.shape == (c.n, k)
+
+    def ref(x, y, gate, a, b, s):
+        lg = jnp.dot(x.astype(jnp.float32), gate, precision=jax.lax.Precision.HIGHEST)
+        if c.forced is None:
+            w, ex = route(lg, c.k, c.temperature, c.routing)
+        else:
+            ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+        delta = mp.meteora_reference(x, a, b, s, ex, w).astype(jnp.float32)
+        return (y.astype(jnp.float32) + delta).astype(y.dtype), lg, ex, w
+
+    r_out, r_logits, r_experts, r_weights = ref(*args)
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(r_experts), err_msg="experts")
+    assert_close(logits, r_logits, 1e-5, "logits")
+    assert_close(weights, r_weights, 1e-5, "weights")
+    assert_close(out - y, r_out - y, TOL[c.dtype], "delta")  # the added term, at its own scale
+
+    cot = [jnp.asarray(np.random.default_rng(seed + 1).standard_normal(t.shape), jnp.float32)
+           for t in (out, logits, weights)]
+
+    def loss(f):
+        def inner(*p):
+            o_, lg, _, w = f(*p)
+            return sum(jnp.sum(t.astype(jnp.float32) * u) for t, u in zip((o_, lg, w), cot, strict=True))
+        return inner
+
+    ours = jax.grad(loss(fn), argnums=range(6))(*args)
+    theirs = jax.grad(loss(ref), argnums=range(6))(*args)
+    for what, g, gr in zip(("dx", "dy", "dgate", "da", "db", "dscaling"), ours, theirs, strict=True):
+        assert_close(g, gr, TOL[c.dtype], f"routed {what}")
+
+
+@pytest.mark.parametrize("case", ROUTED_CPU, ids=str)
+def test_routed_interpret(case):
+    check_routed(case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ROUTED_GPU, ids=str)
+def test_routed_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_routed(case, interpret=False)
+
+
+def test_routed_bad_args_are_refused():
+    x, y, gate, a, b, s = routed_inputs(RCase(2, 32, 16, 3, 4, 2), 0)
+    with pytest.raises(ValueError, match=r"gate \(16, 3\) must be \[in=32, E=3\]"):
+        mp.meteora_routed(x, y, gate[:16], a, b, s, top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"top_k must be in 1..3"):
+        mp.meteora_routed(x, y, gate, a, b, s, top_k=4, interpret=True)
+    with pytest.raises(ValueError, match=r"routing must be"):
+        mp.meteora_routed(x, y, gate, a, b, s, top_k=2, routing="nope", interpret=True)
+
+
+def test_model_decode_uses_the_routed_kernels(monkeypatch):
+    """A MeteoRA linear with strategy `fused` runs calls of at most `max_tokens` tokens through `meteora_routed`
+    and returns what `dense` returns: output, logits, experts, weights; longer calls take the other path."""
+    from meteora_jax import fused
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLinear
+
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(args[0].shape)
+        return mp.meteora_routed(*args, **kw)
+
+    monkeypatch.setitem(fused.ROUTED, "fused", fused.Routed(spy, 6))
+    mcfg = MeteoraConfig(expert_names=tuple("abcde"), rank=4, top_k=2, temperature=0.8)
+    lin = MeteoraLinear(48, 40, use_bias=True, config=mcfg, dtype="float32", param_dtype="float32",
+                        rngs=nnx.Rngs(7))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 3, 48)), jnp.float32)
+    ref_y, ref_r = lin(x)
+    lin.set_routing(mcfg.replace(strategy="fused"))
+    y, r = lin(x)
+    assert_close(y, ref_y, 1e-5, "y")
+    np.testing.assert_array_equal(np.asarray(r.experts), np.asarray(ref_r.experts))
+    assert_close(r.weights, ref_r.weights, 1e-5, "weights")
+    assert_close(r.logits, ref_r.logits, 1e-5, "logits")
+    assert calls == [(6, 48)]
+    x7 = jnp.concatenate([x.reshape(6, 48), x[0, :1]])
+    y7, _ = lin(x7)
+    assert calls == [(6, 48)]  # 7 tokens: the two-launch strategy path
+    lin.set_routing(mcfg)
+    assert_close(y7, lin(x7)[0], 1e-5, "y (7 tokens)")

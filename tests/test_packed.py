@@ -97,14 +97,18 @@ def test_packed_forced_expert_equals_peft_generate(tiny_llama3):
 
 
 def test_packed_generate_and_trace_equal_unpacked(tiny_llama3):
-    ref = random_meteora(tiny_llama3[0], seed=int(np.random.default_rng().integers(1000)), top_k=2, temperature=3.0)
+    """Same tokens, experts and weights. The weights are compared to 2e-3: the packed products round in another
+    order, and with these large random adapters (std 0.3) the fp32 difference grows over the decode steps; a run
+    saw 6.5e-4 on one of 308 weights (a packing mistake changes tokens and experts)."""
+    seed = int(np.random.default_rng().integers(1000))
+    ref = random_meteora(tiny_llama3[0], seed=seed, top_k=2, temperature=3.0)
     packed = pack_projections(copy(ref))
     want = gen.generate(ref, PROMPTS, max_new_tokens=9, trace=True)
     got = gen.generate(packed, PROMPTS, max_new_tokens=9, trace=True)
-    assert got.tokens == want.tokens
+    assert got.tokens == want.tokens, f"seed {seed}"
     for i in range(len(PROMPTS)):
-        np.testing.assert_array_equal(got.trace.experts[i], want.trace.experts[i])
-        np.testing.assert_allclose(got.trace.weights[i], want.trace.weights[i], atol=2e-4)
+        np.testing.assert_array_equal(got.trace.experts[i], want.trace.experts[i], err_msg=f"seed {seed}")
+        np.testing.assert_allclose(got.trace.weights[i], want.trace.weights[i], atol=2e-3, err_msg=f"seed {seed}")
 
 
 def test_packed_bf16_as_close_to_fp32_as_unpacked():
