@@ -71,7 +71,7 @@ class BlockSizes:
     target_programs: int = 132  # one wave of an H100
     routed_max_tokens: int = 16  # the MeteoRA linear runs gate + adapter term in two launches for N <= this
     routed_block_in: int = 64  # routed shrink: D rows per step
-    routed_splits: int = 32  # routed shrink: programs (partial sums the expand adds up), for N <= 16
+    routed_splits: int = 256  # routed shrink: at most this many programs (each adds its D range atomically)
     routed_block_out: int = 128  # routed expand: output columns per program
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
@@ -426,9 +426,13 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
 # ------------------------------------------------------------------- routed decode: gate + adapter term
 # For a few tokens (decode), the MeteoRA linear's gate, routing and adapter term in two launches, added to the
 # base output y in place (inference; the backward recomputes through `routed_reference`):
-#   shrink  programs s over D ranges:  Lp[s] = x[:, Ds] @ G[Ds]  (f32),  Pp[s] = x[:, Ds] @ a_wide[Ds]  (partials)
-#   expand  programs over output tiles: L = sum_s Lp[s], P = sum_s Pp[s]; each token's top-k experts and weights
-#           from L (as `meteora.route`), coef [N, E*r]; y[:, tile] += (coef * P) @ b_wide[picked rows, tile].
+#   shrink  programs over D ranges Ds, adding atomically into zeroed f32 buffers:
+#           L += x[:, Ds] @ G[Ds],  P += x[:, Ds] @ a_wide[Ds]
+#   expand  programs over output tiles: each token's top-k experts and weights from L (as `meteora.route`),
+#           coef [N, E*r]; y[:, tile] += (coef * P) @ b_wide[picked rows, tile].
+# The atomic adds make L and P (so, rarely, a near-tie between experts) vary in the last bits from run to run.
+# (A first version wrote per-program partial sums that every expand program added up in a loop: on the H100 that
+# loop of dependent loads made both kernels 7 to 20 us each.)
 # Rows of b_wide of experts no token picked are never loaded. The expand's first program also writes the
 # logits, experts and weights (the routing the model returns).
 
@@ -443,8 +447,9 @@ class RouteSpec:
     forced_expert: int | None = None
 
 
-def _routed_shrink_kernel(x_ref, g_ref, a_ref, lp_ref, pp_ref, *, n, d, e, r, bm, bd, chunks, ep, cp, gate, dtype,
-                          interpret):
+def _routed_shrink_kernel(x_ref, g_ref, a_ref, lz_ref, pz_ref, lp_ref, pp_ref, *, n, d, e, r, bm, bd, chunks, ep, cp,
+                          gate, dtype, interpret):
+    del lz_ref, pz_ref  # the zeroed buffers, aliased to lp_ref and pp_ref
     s = pl.program_id(0)
     rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
     rmask, emask, cmask = rows < n, ecols < e, ccols < e * r
@@ -463,9 +468,10 @@ def _routed_shrink_kernel(x_ref, g_ref, a_ref, lp_ref, pp_ref, *, n, d, e, r, bm
         return lg, p
 
     lg, p = lax.fori_loop(0, chunks, body, (jnp.zeros((bm, ep), jnp.float32), jnp.zeros((bm, cp), jnp.float32)))
-    _store(pp_ref, (s * n + rows[:, None]) * (e * r) + ccols[None, :], p, rmask[:, None] & cmask[None, :], interpret)
+    _store(pp_ref, rows[:, None] * (e * r) + ccols[None, :], p, rmask[:, None] & cmask[None, :], interpret,
+           atomic=True)
     if gate:
-        _store(lp_ref, (s * n + rows[:, None]) * e + ecols[None, :], lg, rmask[:, None] & emask[None, :], interpret)
+        _store(lp_ref, rows[:, None] * e + ecols[None, :], lg, rmask[:, None] & emask[None, :], interpret, atomic=True)
 
 
 def _pick(logits, valid, ecols, spec: RouteSpec):
@@ -493,7 +499,7 @@ def _pick(logits, valid, ecols, spec: RouteSpec):
     return idx, [u / tot for u in ex]
 
 
-def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, parts, spec, has_y, dtype, interpret):
+def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, spec, has_y, dtype, interpret):
     refs = list(refs)
     pp_ref = refs.pop(0)
     given = spec is None
@@ -509,16 +515,8 @@ def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, parts, spec, has
     rmask, emask, cmask, omask = rows < n, ecols < e, ccols < e * r, cols < o
     c = e * r
 
-    def add_parts(t, carry):
-        lg, p = carry
-        p = p + _load(pp_ref, (t * n + rows[:, None]) * c + ccols[None, :], rmask[:, None] & cmask[None, :],
-                      interpret)
-        if gate:
-            lg = lg + _load(lp_ref, (t * n + rows[:, None]) * e + ecols[None, :], rmask[:, None] & emask[None, :],
-                            interpret)
-        return lg, p
-
-    lg, p = lax.fori_loop(0, parts, add_parts, (jnp.zeros((bm, ep), jnp.float32), jnp.zeros((bm, cp), jnp.float32)))
+    p = _load(pp_ref, rows[:, None] * c + ccols[None, :], rmask[:, None] & cmask[None, :], interpret)
+    lg = _load(lp_ref, rows[:, None] * e + ecols[None, :], rmask[:, None] & emask[None, :], interpret) if gate else None
     if given:  # routing passed in: experts / weights [N * k]
         idx = [_load(e_ref, rows * k + j, rmask, interpret) for j in range(k)]
         wts = [_load(w_ref, rows * k + j, rmask, interpret) for j in range(k)]
@@ -551,11 +549,11 @@ def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, parts, spec, has
 
 
 def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
-    """(bm, bd, chunks, parts): token rows (a power of two >= 16), D rows per shrink step, steps per shrink
-    program, and shrink programs (= partial sums the expand adds up; fewer for more tokens)."""
+    """(bm, bd, chunks, programs): token rows (a power of two >= 16), D rows per shrink step, steps per shrink
+    program, and shrink programs (at most `routed_splits`)."""
     bm, bd = _p2(n, 16), bs.routed_block_in
     steps = pl.cdiv(d, bd)
-    chunks = pl.cdiv(steps, max(1, bs.routed_splits // (bm // 16)))
+    chunks = pl.cdiv(steps, max(1, bs.routed_splits))
     return bm, bd, chunks, pl.cdiv(steps, chunks)
 
 
@@ -572,13 +570,15 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     gated = spec is not None
     shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, e=e, r=r, bm=bm, bd=bd, chunks=chunks, ep=ep, cp=cp,
                                gate=gated, dtype=x.dtype, interpret=interpret)
+    lsize = n * e if gated else 1
     lp, pp = pl.pallas_call(
         shrink, grid=(parts,),
-        out_shape=(jax.ShapeDtypeStruct((parts * n * e if gated else 1,), f32),
-                   jax.ShapeDtypeStruct((parts * n * e * r,), f32)),
+        out_shape=(jax.ShapeDtypeStruct((lsize,), f32), jax.ShapeDtypeStruct((n * e * r,), f32)),
+        input_output_aliases={3: 0, 4: 1},
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
         name="meteora_routed_shrink",
-    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1))
+    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1), jnp.zeros((lsize,), f32),
+      jnp.zeros((n * e * r,), f32))
     k = spec.top_k if gated else experts.shape[1]
     args = [pp] + ([lp] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
     args += [b.reshape(-1), scaling.astype(f32)]
@@ -593,7 +593,7 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
                       jax.ShapeDtypeStruct((n * k,), f32)]
     bn = bs.routed_block_out
     expand = functools.partial(_routed_expand_kernel, n=n, e=e, r=r, o=o, k=k, bm=bm, bn=bn, ep=ep, cp=cp,
-                               parts=parts, spec=spec, has_y=y is not None, dtype=x.dtype, interpret=interpret)
+                               spec=spec, has_y=y is not None, dtype=x.dtype, interpret=interpret)
     outs = pl.pallas_call(
         expand, grid=(pl.cdiv(o, bn),), out_shape=tuple(out_shape), input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
