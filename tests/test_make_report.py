@@ -7,6 +7,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from _helpers_reproduce import load_script
 
 report = load_script("make_report")
@@ -32,12 +33,19 @@ def _result(rng, label, device, limit=None, composite=True, routing=False, low=0
     return r
 
 
-def test_report_numbers_match_recomputation(tmp_path):
+@pytest.mark.parametrize("two_oracles", [False, True])
+def test_report_numbers_match_recomputation(tmp_path, two_oracles):
+    """Averages, ratios, wins and routing figures against a recomputation from random result files. With one
+    oracle (on the CPU) both top-2 runs divide by it; with an H100 oracle and a CPU rerun of the first 10 prompts,
+    each top-2 run divides by the oracle of its own device and protocol."""
     rng = np.random.default_rng()
-    res = {"oracle": _result(rng, "oracle", "cpu", composite=False, low=1),  # a nonzero average to divide by
+    res = {"oracle": _result(rng, "oracle", "NVIDIA H100 80GB HBM3" if two_oracles else "cpu", composite=False,
+                             low=1),  # a nonzero average to divide by
            "lora_b": _result(rng, "lora_b", "NVIDIA H100 80GB HBM3"),
            "meteora_top2": _result(rng, "meteora_top2", "NVIDIA H100 80GB HBM3", routing=True),
            "meteora_top2_cpu": _result(rng, "meteora_top2", "cpu", limit=10, composite=False)}
+    if two_oracles:
+        res["oracle_cpu"] = _result(rng, "oracle", "cpu", limit=10, composite=False, low=1)
     folder = tmp_path / "results"
     folder.mkdir()
     for k, v in res.items():
@@ -48,12 +56,19 @@ def test_report_numbers_match_recomputation(tmp_path):
 
     avg = {k: np.mean([v["tasks"][t]["score"] for t in TASKS]) for k, v in res.items()}
     row = re.search(r"^\| \*\*average\*\* \| \|(.*)\|$", text, re.M).group(1).split("|")
-    assert [float(x) for x in row] == [round(avg[k], 3) for k in ("lora_b", "oracle", "meteora_top2",
-                                                                    "meteora_top2_cpu")]
-    assert "| *ran on* | | H100 | CPU | H100 | CPU, first 10 |" in text
-    for k, same in (("meteora_top2", "H100 against the oracle's CPU"), ("meteora_top2_cpu", "CPU, first 10 against")):
-        ratio = avg[k] / avg["oracle"]
-        line = next(x for x in text.splitlines() if x.startswith(dict(report.MODELS)[k] + " average / oracle"))
+    cols = ("lora_b", "oracle") + (("oracle_cpu",) if two_oracles else ()) + ("meteora_top2", "meteora_top2_cpu")
+    assert [float(x) for x in row] == [round(avg[k], 3) for k in cols]
+    ran = "H100 | H100 | CPU, first 10" if two_oracles else "H100 | CPU"
+    assert f"| *ran on* | | {ran} | H100 | CPU, first 10 |" in text
+    names = dict(report.MODELS)
+    if two_oracles:
+        pairs = (("meteora_top2", "oracle", "same device"), ("meteora_top2_cpu", "oracle_cpu", "same device"))
+    else:
+        pairs = (("meteora_top2", "oracle", "H100 against the oracle's CPU"),
+                 ("meteora_top2_cpu", "oracle", "CPU, first 10 against"))
+    for k, o, same in pairs:
+        ratio = avg[k] / avg[o]
+        line = next(x for x in text.splitlines() if x.startswith(f"{names[k]} average / {names[o]} average"))
         assert f"**{ratio:.3f}**" in line and same in line
         assert ("met" if ratio >= 0.95 else "missed") in line.split(":")[-1]
 
