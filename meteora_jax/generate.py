@@ -454,10 +454,11 @@ def build_parser():
     g.add_argument("--max-len", type=int, help="KV cache slots (prompt + new tokens); default: power-of-two "
                                                "buckets of the longest prompt and --max-new-tokens")
     r = p.add_argument_group("MeteoRA routing (MeteoRA models only)")
-    r.add_argument("--strategy", help="adapter-term strategy: loop, gather, dense, or a registered kernel")
+    r.add_argument("--strategy", help="adapter-term strategy: loop, gather, dense, or a registered kernel (fused: "
+                   "the fastest batch-1 decode on an H100, experiments/results/generate_bench.md)")
     r.add_argument("--pack", action="store_true", help="pack q/k/v, o, gate/up and down into one product each, "
-                   "adapters folded into the base product (meteora_jax.packed; faster decoding; --strategy is "
-                   "then ignored)")
+                   "adapters folded into the base product (meteora_jax.packed; speeds up the base model, slows "
+                   "MeteoRA on an H100; --strategy is then ignored)")
     r.add_argument("--routing-top-k", type=int, help="experts per token (k)")
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
     r.add_argument("--expert", help="force every token to this expert (name or index), weight 1")
