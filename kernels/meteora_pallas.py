@@ -28,6 +28,11 @@ Backward (`jax.custom_vjp`; its forward keeps P = x @ a_wide unscaled), with g =
     db = (coef * P)^T @ g
 All six products are one generic tiled kernel (`_matmul`) parameterised by how each operand is laid out.
 
+Routed pair (`meteora_routed`, what `MeteoraLinear(strategy="fused")` runs for N <= 16 tokens): the gate product,
+top-k routing and adapter term of a MeteoRA linear in two launches, added into the base output in place (see
+the section "routed decode" below); with the routing given, the same pair serves `decode_kernel="split"` and
+`meteora_fused_add`.
+
 Model for the file: jax's `jax/experimental/pallas/ops/gpu/attention.py` (block sizes, kernel, jitted wrapper
 with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).
 """
