@@ -54,7 +54,7 @@ def summarise(events, steps: int, top: int = 12) -> dict:
         else:
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
-    span = iv[-1][1] - iv[0][0]
+    span = max(e for _, e in iv) - iv[0][0]  # the last-starting event need not end last
     per = collections.defaultdict(lambda: [0, 0.0])
     for _, name, s, e in events:
         per[name][0] += 1

@@ -1,0 +1,52 @@
+"""experiments/profile_decode.py's step summary against a brute-force recomputation on random intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "profile_decode.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("profile_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_busy_span_and_top_kernels():
+    prof = load()
+    rng = np.random.default_rng()
+    names = ["gemm", "reduce", "shrink", "expand", "memset"]
+    events = []
+    for _ in range(300):  # integer ns on two streams, overlapping at random
+        start = int(rng.integers(0, 5000))
+        events.append((f"Stream #{rng.integers(2)}", names[rng.integers(len(names))], float(start),
+                       float(start + rng.integers(0, 60))))
+    long_start = int(rng.integers(4800, 4900))  # a long kernel still running when the last one starts (and ends)
+    events.append(("Stream #0", "gemm", float(long_start), float(long_start + rng.integers(500, 900))))
+    events.append(("Stream #1", "memset", 5100.0, 5101.0 + rng.integers(5)))
+    steps = 7
+    got = prof.summarise(events, steps, top=3)
+
+    grid = np.zeros(6000, bool)  # busy nanoseconds
+    for _, _, s, e in events:
+        grid[int(s):int(e)] = True
+    lo, hi = min(s for *_, s, _ in events), max(e for *_, e in events)
+    assert abs(got["busy_ms_per_step"] - grid.sum() / steps / 1e6) < 1e-12
+    assert abs(got["span_ms_per_step"] - (hi - lo) / steps / 1e6) < 1e-12
+    assert abs(got["idle_share"] - (1 - grid.sum() / (hi - lo))) < 1e-9
+    assert got["events_per_step"] == len(events) / steps
+    total = {n: sum(e - s for _, m, s, e in events if m == n) for n in names}
+    assert [total[r["name"]] for r in got["top"]] == sorted(total.values(), reverse=True)[:3]  # ties either way
+    assert len({r["name"] for r in got["top"]}) == 3
+    for r in got["top"]:
+        assert abs(r["ms_per_step"] - total[r["name"]] / steps / 1e6) < 1e-12
+        assert r["count_per_step"] == sum(m == r["name"] for _, m, _, _ in events) / steps
+
+
+def test_summary_without_events_says_so():
+    assert "no device events" in load().summarise([], 5)["error"]
