@@ -17,8 +17,9 @@ Modes: `forced_expert=i` routes every token to expert i with weight 1 (equals PE
 
 The adapter term is computed by a strategy (`meteora_jax.strategies`: `loop`, `gather`, `dense`, and the
 kernels `fused`, `triton`), all of one signature. With `fused`, a call of at most 16 tokens (decoding) runs
-the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`). A call returns `(y, Routing(logits, experts, weights))`, so gate logits (for the training
-loss) and the chosen experts (for the routing trace) leave jit as ordinary outputs.
+the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`).
+A call returns `(y, Routing(logits, experts, weights))`, so gate logits (for the training loss) and the
+chosen experts (for the routing trace) leave jit as ordinary outputs.
 
 Routing options are static attributes: change them with `set_routing(model, ...)` (recompiles once).
 """
