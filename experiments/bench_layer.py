@@ -78,8 +78,8 @@ def jax_layer(name: str, block_sizes=None):
     if name == "lora":
         return lambda x, p: x @ p["W"] + ((x @ p["A"][0]) * p["s"][0].astype(x.dtype)) @ p["B"][0]
     if name == "fused-add":  # the routed pair adds the adapter term into the base output's buffer
-        bs = block_sizes or mp.BlockSizes()
-        return lambda x, p: mp.meteora_fused_add(x, x @ p["W"], p["A"], p["B"], p["s"], p["e"], p["w"], block_sizes=bs)
+        return lambda x, p: mp.meteora_fused_add(x, x @ p["W"], p["A"], p["B"], p["s"], p["e"], p["w"],
+                                                 block_sizes=block_sizes)
     fn = jax_strategy(name, block_sizes)
     return lambda x, p: x @ p["W"] + fn(x, p["A"], p["B"], p["s"], p["e"], p["w"])
 

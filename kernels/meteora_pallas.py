@@ -570,14 +570,14 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     e, _, r = a.shape
     o = b.shape[-1]
     f32 = jnp.float32
-    bm, bd, chunks, parts = routed_tiles(bs, n, d)
+    bm, bd, chunks, programs = routed_tiles(bs, n, d)
     ep, cp = _p2(e, 16), _p2(e * r, 16)
     gated = spec is not None
     shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, e=e, r=r, bm=bm, bd=bd, chunks=chunks, ep=ep, cp=cp,
                                gate=gated, dtype=x.dtype, interpret=interpret)
     lsize = n * e if gated else 1
     lp, pp = pl.pallas_call(
-        shrink, grid=(parts,),
+        shrink, grid=(programs,),
         out_shape=(jax.ShapeDtypeStruct((lsize,), f32), jax.ShapeDtypeStruct((n * e * r,), f32)),
         input_output_aliases={3: 0, 4: 1},
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
@@ -676,7 +676,7 @@ def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float 
     weights [N, k] f32). Differentiable in x, y, gate, a, b and scaling (the backward runs the reference).
     """
     n = x.shape[0]
-    check_args(x, a, b, scaling, jnp.zeros((n, 1), jnp.int32), jnp.zeros((n, 1), jnp.float32))
+    check_shapes(x, a, b, scaling)
     e_num, d, _ = a.shape
     if gate.shape != (d, e_num) or y.shape != (n, b.shape[-1]):
         raise ValueError(f"meteora_routed: gate {gate.shape} must be [in={d}, E={e_num}] and y {y.shape} "
@@ -693,6 +693,15 @@ def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float 
 
 
 def check_args(x, a, b, scaling, experts, weights):
+    check_shapes(x, a, b, scaling)
+    if experts.shape != weights.shape or experts.ndim != 2 or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"meteora_fused: experts {experts.shape} and weights {weights.shape} must both be "
+                         f"[N={x.shape[0]}, k]")
+    if not jnp.issubdtype(experts.dtype, jnp.integer):
+        raise ValueError(f"meteora_fused: experts must be integers, got {experts.dtype}")
+
+
+def check_shapes(x, a, b, scaling):
     if x.ndim != 2 or a.ndim != 3 or b.ndim != 3:
         raise ValueError(f"meteora_fused: expected x [N, in], a [E, in, r], b [E, r, out]; got x {x.shape}, "
                          f"a {a.shape}, b {b.shape}")
@@ -700,11 +709,6 @@ def check_args(x, a, b, scaling, experts, weights):
     if x.shape[1] != d or b.shape[:2] != (e_num, r) or scaling.shape != (e_num,):
         raise ValueError(f"meteora_fused: inconsistent shapes x {x.shape}, a {a.shape}, b {b.shape}, "
                          f"scaling {scaling.shape} (want a [E, {x.shape[1]}, r], b [E, r, out], scaling [E])")
-    if experts.shape != weights.shape or experts.ndim != 2 or experts.shape[0] != x.shape[0]:
-        raise ValueError(f"meteora_fused: experts {experts.shape} and weights {weights.shape} must both be "
-                         f"[N={x.shape[0]}, k]")
-    if not jnp.issubdtype(experts.dtype, jnp.integer):
-        raise ValueError(f"meteora_fused: experts must be integers, got {experts.dtype}")
 
 
 # ------------------------------------------------------------------------------------------ reference
