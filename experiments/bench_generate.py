@@ -5,8 +5,9 @@ Random weights (bf16) of the named shapes. For each shape:
 - ours, decode: `meteora_jax.generate._decode` (the program `generate` runs) for `--steps` tokens after a
   `--prompt`-token context, at each `--batches` size, for the base Llama and for MeteoRA (E experts of rank
   r, top-k, all seven modules) with each strategy, and packed (`meteora_jax.packed`: `packed`, the expand
-  folded into the base product, and `packed-split`, the two products apart, against the equally packed base,
-  `base-packed`); tokens/s = batch x steps / time, and the time per step;
+  folded into the base product, `packed-split`, the two products apart, and `packed-routed`, the routed kernels
+  for all members of a group at once, against the equally packed base, `base-packed`); tokens/s = batch x
+  steps / time, and the time per step;
 - ours, prefill: `_prefill` of `--prompt` tokens at batch 1 and of `--prefill-len` tokens (tokens/s);
 - ours, end to end: `generate()` at batch 1, `--prompt` tokens in, `--steps` out (greedy, no EOS);
 - transformers + PEFT (one LoRA of rank r on all seven modules), batch 1, the same prompt: `generate` eager
@@ -133,7 +134,8 @@ def jax_part(args, emit, deadline):
     from meteora_jax.packed import pack_projections
     from meteora_jax.strategies import STRATEGIES
 
-    strategies = list(STRATEGIES) + ["packed"] if args.strategies == "all" else args.strategies.split(",")
+    packs = {"packed": "fold", "packed-split": "split", "packed-routed": "routed"}  # variant -> packing mode
+    strategies = list(STRATEGIES) + list(packs) if args.strategies == "all" else args.strategies.split(",")
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")
     emit({"kind": "device", "jax": jax.__version__, "device": str(dev.device_kind), "platform": dev.platform})
@@ -144,14 +146,15 @@ def jax_part(args, emit, deadline):
         t = time.perf_counter()
         meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
         models = {"base": base_model(meteora)}  # the same base weights, plain linears
-        if "packed" in strategies:  # packed copies (new concatenated weights; the originals stay for the others)
+        packed = [v for v in packs if v in strategies]
+        if packed:  # packed copies (new concatenated weights; the originals stay for the others)
             models["base-packed"] = pack_projections(nnx.merge(*nnx.split(models["base"])))
-            models["packed"] = pack_projections(nnx.merge(*nnx.split(meteora)))
-            models["packed-split"] = pack_projections(nnx.merge(*nnx.split(meteora)), fold=False)
+            for v in packed:
+                models[v] = pack_projections(nnx.merge(*nnx.split(meteora)), mode=packs[v])
         jax.block_until_ready((nnx.state(meteora), [nnx.state(m) for m in models.values()]))
         emit({"kind": "built", "shape": shape_name, "seconds": time.perf_counter() - t})
-        variants = (["base"] + (["base-packed", "packed", "packed-split"] if "packed" in strategies else [])
-                    + [s for s in strategies if s not in ("loop", "packed")]
+        variants = (["base"] + (["base-packed"] + packed if packed else [])
+                    + [s for s in strategies if s != "loop" and s not in packs]
                     + (["loop"] if "loop" in strategies else []))
         model_of = lambda v, m=meteora, ms=models: ms[v] if v in ms else set_routing(m, strategy=v)
         for batch in [int(b) for b in args.batches.split(",")]:

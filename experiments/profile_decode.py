@@ -102,8 +102,9 @@ def main(argv=None):
             model = base_model(meteora)
         elif v == "base-packed":
             model = pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
-        elif v in ("packed", "packed-split"):
-            model = pack_projections(nnx.merge(*nnx.split(meteora)), fold=v == "packed")
+        elif v in ("packed", "packed-split", "packed-routed"):
+            mode = {"packed": "fold", "packed-split": "split", "packed-routed": "routed"}[v]
+            model = pack_projections(nnx.merge(*nnx.split(meteora)), mode=mode)
         else:
             model = set_routing(meteora, strategy=v)
         rng = np.random.default_rng(0)

@@ -78,6 +78,7 @@ class BlockSizes:
     routed_block_in: int = 64  # routed shrink: D rows per step
     routed_splits: int = 256  # routed shrink: at most this many programs (each adds its D range atomically)
     routed_block_out: int = 128  # routed expand: output columns per program
+    routed_block_cols: int = 256  # routed shrink: columns of A per program
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -452,31 +453,74 @@ class RouteSpec:
     forced_expert: int | None = None
 
 
-def _routed_shrink_kernel(x_ref, g_ref, a_ref, lz_ref, pz_ref, lp_ref, pp_ref, *, n, d, e, r, bm, bd, chunks, ep, cp,
-                          gate, dtype, interpret):
-    del lz_ref, pz_ref  # the zeroed buffers, aliased to lp_ref and pp_ref
-    s = pl.program_id(0)
-    rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
-    rmask, emask, cmask = rows < n, ecols < e, ccols < e * r
-    wide = Wide(d, r)
+@dataclasses.dataclass(frozen=True)
+class Members:
+    """The linears one routed call serves, all reading the same x. Member j owns gate columns [jE, (j+1)E) of
+    G [D, m*E], shrink columns [jER, (j+1)ER) of A (a [E, D, R] for one member, or a packed [D, m*E*R]), and the
+    output columns `spans[j] = (offset, size)` of y [N, ld] and of B viewed as [E*R, ld]."""
 
-    def body(t, carry):
-        lg, p = carry
+    e: int
+    r: int
+    spans: tuple[tuple[int, int], ...]
+    ld: int
+
+    @property
+    def m(self) -> int:
+        return len(self.spans)
+
+    def tile_starts(self, bn: int) -> tuple[int, ...]:
+        """First expand program of each member, then the number of programs."""
+        out = [0]
+        for _, size in self.spans:
+            out.append(out[-1] + pl.cdiv(size, bn))
+        return tuple(out)
+
+
+def _routed_shrink_kernel(x_ref, g_ref, a_ref, z_ref, o_ref, *, n, d, gc, c, bm, bd, bc, gp, chunks, ablocks,
+                          a_layout, gate, dtype, interpret):
+    """Program (s, cb) adds x[:, Ds] @ A[Ds, cols of block cb] into o[n*gc:] (P, [N, c]) and, for cb == ablocks,
+    x[:, Ds] @ G[Ds] into o[:n*gc] (logits, [N, gc])."""
+    del z_ref  # the zeroed buffer, aliased to o_ref
+    s, cb = pl.program_id(0), pl.program_id(1)
+    rows = _iota(bm)
+    rmask = rows < n
+
+    def x_tile(t):
         dd = (s * chunks + t) * bd + _iota(bd)
         dmask = dd < d
         xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
-        av = _load(a_ref, wide.off(dd[:, None], ccols[None, :]), dmask[:, None] & cmask[None, :], interpret)
-        p = p + _dot(xv.astype(dtype), av.astype(dtype))
-        if gate:
-            gv = _load(g_ref, dd[:, None] * e + ecols[None, :], dmask[:, None] & emask[None, :], interpret)
-            lg = lg + _dot(xv.astype(jnp.float32), gv.astype(jnp.float32))
-        return lg, p
+        return dd, dmask, xv
 
-    lg, p = lax.fori_loop(0, chunks, body, (jnp.zeros((bm, ep), jnp.float32), jnp.zeros((bm, cp), jnp.float32)))
-    _store(pp_ref, rows[:, None] * (e * r) + ccols[None, :], p, rmask[:, None] & cmask[None, :], interpret,
-           atomic=True)
+    def shrink():
+        cols = cb * bc + _iota(bc)
+        cmask = cols < c
+
+        def body(t, p):
+            dd, dmask, xv = x_tile(t)
+            av = _load(a_ref, a_layout.off(dd[:, None], cols[None, :]), dmask[:, None] & cmask[None, :], interpret)
+            return p + _dot(xv.astype(dtype), av.astype(dtype))
+
+        p = lax.fori_loop(0, chunks, body, jnp.zeros((bm, bc), jnp.float32))
+        _store(o_ref, n * gc + rows[:, None] * c + cols[None, :], p, rmask[:, None] & cmask[None, :], interpret,
+               atomic=True)
+
+    def gate_product():
+        cols = _iota(gp)
+        cmask = cols < gc
+
+        def body(t, lg):
+            dd, dmask, xv = x_tile(t)
+            gv = _load(g_ref, dd[:, None] * gc + cols[None, :], dmask[:, None] & cmask[None, :], interpret)
+            return lg + _dot(xv.astype(jnp.float32), gv.astype(jnp.float32))
+
+        lg = lax.fori_loop(0, chunks, body, jnp.zeros((bm, gp), jnp.float32))
+        _store(o_ref, rows[:, None] * gc + cols[None, :], lg, rmask[:, None] & cmask[None, :], interpret, atomic=True)
+
     if gate:
-        _store(lp_ref, rows[:, None] * e + ecols[None, :], lg, rmask[:, None] & emask[None, :], interpret, atomic=True)
+        pl.when(cb < ablocks)(shrink)
+        pl.when(cb == ablocks)(gate_product)
+    else:
+        shrink()
 
 
 def _pick(logits, valid, ecols, spec: RouteSpec):
@@ -504,58 +548,67 @@ def _pick(logits, valid, ecols, spec: RouteSpec):
     return idx, [u / tot for u in ex]
 
 
-def _routed_expand_kernel(*refs, n, e, r, o, k, bm, bn, ep, cp, spec, has_y, dtype, interpret):
+def _routed_expand_kernel(*refs, n, mem: Members, k, bm, bn, ep, cp, gc, spec, has_y, dtype, interpret):
+    """Program i serves output columns of one member j: routing of its tokens from its logits (or given), coef,
+    y[:, tile] += (coef * P_j) @ B[picked rows, tile]. A member's first program writes its experts and weights."""
     refs = list(refs)
-    pp_ref = refs.pop(0)
+    buf_ref = refs.pop(0)  # [N * gc] logits, then [N, m*E*R] P
     given = spec is None
-    gate = not given
-    lp_ref = refs.pop(0) if gate else None
     e_ref, w_ref = (refs.pop(0), refs.pop(0)) if given else (None, None)
     b_ref, s_ref = refs.pop(0), refs.pop(0)
     y_ref = refs.pop(0) if has_y else None
     out_ref = refs.pop(0)
+    e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
+    c, er = m * e * r, e * r
     pid = pl.program_id(0)
+    starts = mem.tile_starts(bn)
+    j, first_tile, off, end = 0, starts[0], mem.spans[0][0], sum(mem.spans[0])
+    for jj in range(1, m):  # which member this program serves (static table)
+        here = pid >= starts[jj]
+        j = jnp.where(here, jj, j)
+        first_tile = jnp.where(here, starts[jj], first_tile)
+        off = jnp.where(here, mem.spans[jj][0], off)
+        end = jnp.where(here, sum(mem.spans[jj]), end)
     rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
-    cols = pid * bn + _iota(bn)
-    rmask, emask, cmask, omask = rows < n, ecols < e, ccols < e * r, cols < o
-    c = e * r
+    cols = off + (pid - first_tile) * bn + _iota(bn)
+    rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end
 
-    p = _load(pp_ref, rows[:, None] * c + ccols[None, :], rmask[:, None] & cmask[None, :], interpret)
-    lg = _load(lp_ref, rows[:, None] * e + ecols[None, :], rmask[:, None] & emask[None, :], interpret) if gate else None
-    if given:  # routing passed in: experts / weights [N * k]
-        idx = [_load(e_ref, rows * k + j, rmask, interpret) for j in range(k)]
-        wts = [_load(w_ref, rows * k + j, rmask, interpret) for j in range(k)]
+    p = _load(buf_ref, n * gc + rows[:, None] * c + j * er + ccols[None, :], rmask[:, None] & cmask[None, :],
+              interpret)
+    if given:  # routing passed in: experts / weights [N, m, k]
+        idx = [_load(e_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
+        wts = [_load(w_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
     elif spec.forced_expert is None:
+        lg = _load(buf_ref, rows[:, None] * gc + j * e + ecols[None, :], rmask[:, None] & emask[None, :], interpret)
         idx, wts = _pick(lg, emask[None, :], ecols, spec)
     else:
         idx, wts = [jnp.full((bm,), spec.forced_expert, jnp.int32)], [jnp.ones((bm,), jnp.float32)]
     ce = lax.div(ccols, r)
-    sc = _load(s_ref, ce, cmask, interpret)
+    sc = _load(s_ref, j * e + ce, cmask, interpret)
     coef = functools.reduce(jnp.add, [jnp.where(ce[None, :] == i[:, None], w[:, None], 0.0)
                                       for i, w in zip(idx, wts, strict=True)])
     coef = jnp.where(rmask[:, None], coef * sc[None, :], 0.0)
-    picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of b_wide to read
+    picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of B to read
     h = (coef * p).astype(dtype)
-    bw = _load(b_ref, ccols[:, None] * o + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
+    bw = _load(b_ref, ccols[:, None] * ld + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
     delta = _dot(h, bw.astype(dtype)).astype(out_ref.dtype)
     omask2 = rmask[:, None] & omask[None, :]
-    off = rows[:, None] * o + cols[None, :]
+    yoff = rows[:, None] * ld + cols[None, :]
     if has_y:
-        yv = _load(y_ref, off, omask2, interpret)
+        yv = _load(y_ref, yoff, omask2, interpret)
         delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
-    _store(out_ref, off, delta, omask2, interpret)
-    if gate:  # the routing, once (program 0)
-        lg_ref, ex_ref, wt_ref = refs
-        first = pid == 0
-        _store(lg_ref, rows[:, None] * e + ecols[None, :], lg, (rmask[:, None] & emask[None, :]) & first, interpret)
-        for j in range(k):
-            _store(ex_ref, rows * k + j, idx[j], rmask & first, interpret)
-            _store(wt_ref, rows * k + j, wts[j], rmask & first, interpret)
+    _store(out_ref, yoff, delta, omask2, interpret)
+    if not given:  # the routing of member j, once (its first program)
+        ex_ref, wt_ref = refs
+        first = pid == first_tile
+        for jj in range(k):
+            _store(ex_ref, rows * (m * k) + j * k + jj, idx[jj], rmask & first, interpret)
+            _store(wt_ref, rows * (m * k) + j * k + jj, wts[jj], rmask & first, interpret)
 
 
 def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
     """(bm, bd, chunks, programs): token rows (a power of two >= 16), D rows per shrink step, steps per shrink
-    program, and shrink programs (at most `routed_splits`)."""
+    program, and shrink programs along D (at most `routed_splits`)."""
     bm, bd = _p2(n, 16), bs.routed_block_in
     steps = pl.cdiv(d, bd)
     chunks = pl.cdiv(steps, max(1, bs.routed_splits))
@@ -563,51 +616,60 @@ def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
 
 
 def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec | None, bs: BlockSizes,
-                    interpret: bool):
-    """The two launches. `spec` None: routing given (experts, weights); else the gate picks (or forces) it.
-    Returns y + delta (or delta when y is None), and with a gate (logits [N, E], experts, weights)."""
+                    interpret: bool, mem: Members | None = None):
+    """The two launches. One member (`mem` None): a [E, D, R], b [E, R, O], scaling [E], experts/weights [N, k].
+    Packed members (`mem` given): a [D, m*E*R], b [E*R, ld], scaling [m, E]. `spec` None: the routing is given;
+    else the gate [D, m*E] picks (or forces) it. Returns y + delta (or delta when y is None; one member only),
+    and with a gate (logits [N, m*E], experts [N, m*k], weights [N, m*k])."""
     n, d = x.shape
-    e, _, r = a.shape
-    o = b.shape[-1]
+    if mem is None:
+        e, _, r = a.shape
+        mem = Members(e, r, ((0, b.shape[-1]),), b.shape[-1])
+        a_layout = Wide(d, r)
+    else:
+        a_layout = Rows(mem.m * mem.e * mem.r)
+    e, r, m = mem.e, mem.r, mem.m
+    c = m * e * r
     f32 = jnp.float32
     bm, bd, chunks, programs = routed_tiles(bs, n, d)
-    ep, cp = _p2(e, 16), _p2(e * r, 16)
     gated = spec is not None
-    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, e=e, r=r, bm=bm, bd=bd, chunks=chunks, ep=ep, cp=cp,
-                               gate=gated, dtype=x.dtype, interpret=interpret)
-    lsize = n * e if gated else 1
-    lp, pp = pl.pallas_call(
-        shrink, grid=(programs,),
-        out_shape=(jax.ShapeDtypeStruct((lsize,), f32), jax.ShapeDtypeStruct((n * e * r,), f32)),
-        input_output_aliases={3: 0, 4: 1},
+    gc = m * e if gated else 0
+    bc = min(bs.routed_block_cols, _p2(c, 16))
+    ablocks = pl.cdiv(c, bc)
+    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, gp=_p2(gc, 16),
+                               chunks=chunks, ablocks=ablocks, a_layout=a_layout, gate=gated, dtype=x.dtype,
+                               interpret=interpret)
+    size = n * (gc + c)
+    buf = pl.pallas_call(
+        shrink, grid=(programs, ablocks + (1 if gated else 0)),
+        out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0},
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
         name="meteora_routed_shrink",
-    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1), jnp.zeros((lsize,), f32),
-      jnp.zeros((n * e * r,), f32))
-    k = spec.top_k if gated else experts.shape[1]
-    args = [pp] + ([lp] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
-    args += [b.reshape(-1), scaling.astype(f32)]
+    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1), jnp.zeros((size,), f32))
+    k = spec.top_k if gated else experts.shape[-1]
+    args = [buf] + ([] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
+    args += [b.reshape(-1), scaling.reshape(-1).astype(f32)]
     out_dtype = x.dtype if y is None else y.dtype
     aliases = {}
     if y is not None:
         aliases = {len(args): 0}
         args.append(y.reshape(-1))
-    out_shape = [jax.ShapeDtypeStruct((n * o,), out_dtype)]
+    out_shape = [jax.ShapeDtypeStruct((n * mem.ld,), out_dtype)]
     if gated:
-        out_shape += [jax.ShapeDtypeStruct((n * e,), f32), jax.ShapeDtypeStruct((n * k,), jnp.int32),
-                      jax.ShapeDtypeStruct((n * k,), f32)]
+        out_shape += [jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), f32)]
     bn = bs.routed_block_out
-    expand = functools.partial(_routed_expand_kernel, n=n, e=e, r=r, o=o, k=k, bm=bm, bn=bn, ep=ep, cp=cp,
-                               spec=spec, has_y=y is not None, dtype=x.dtype, interpret=interpret)
+    expand = functools.partial(_routed_expand_kernel, n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16),
+                               cp=_p2(e * r, 16), gc=gc, spec=spec, has_y=y is not None, dtype=x.dtype,
+                               interpret=interpret)
     outs = pl.pallas_call(
-        expand, grid=(pl.cdiv(o, bn),), out_shape=tuple(out_shape), input_output_aliases=aliases,
+        expand, grid=(mem.tile_starts(bn)[-1],), out_shape=tuple(out_shape), input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
         name="meteora_routed_expand",
     )(*args)
-    out = outs[0].reshape(n, o)
+    out = outs[0].reshape(n, mem.ld)
     if not gated:
         return out
-    return out, outs[1].reshape(n, e), outs[2].reshape(n, k), outs[3].reshape(n, k)
+    return out, buf[:n * gc].reshape(n, gc), outs[1].reshape(n, m * k), outs[2].reshape(n, m * k)
 
 
 def meteora_fused_add(x, y, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,
@@ -690,6 +752,50 @@ def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float 
         interpret = jax.default_backend() != "gpu"
     spec = RouteSpec(k, float(temperature), routing, forced_expert)
     return routed_apply(x, y, gate, a, b, scaling, spec, block_sizes or BlockSizes.get_default(), bool(interpret))
+
+
+def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, temperature: float = 1.0,
+                          routing: str = "topk_softmax", forced_expert: int | None = None,
+                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """`meteora_routed` for m MeteoRA linears that read the same x, packed (`meteora_jax.packed`, mode "routed"):
+    one shrink launch for all m gates and shrinks, one expand launch for all m outputs. Forward only (inference).
+
+    x [N, in]; y [N, ld]: the members' base outputs side by side (its buffer is reused); gate [in, m*E] f32;
+    a [in, m*E*r]: column (j*E + e)*r + t is member j's expert e, rank t; b [E*r, ld]: member j's B (its
+    [E, r, size_j] as [E*r, size_j]) in the columns `spans[j] = (offset, size_j)`, as in y (columns outside every
+    span are left as they are); scaling [m, E]. Returns (y + delta, logits [N, m, E] f32, experts [N, m, k]
+    int32, weights [N, m, k] f32).
+    """
+    if x.ndim != 2 or y.ndim != 2 or gate.ndim != 2 or a.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
+        raise ValueError("meteora_routed_packed: expected x [N, in], y [N, ld], gate [in, m*E], a [in, m*E*r], "
+                         f"b [E*r, ld], scaling [m, E]; got x {x.shape}, y {y.shape}, gate {gate.shape}, "
+                         f"a {a.shape}, b {b.shape}, scaling {scaling.shape}")
+    n, d = x.shape
+    m, e_num = scaling.shape
+    spans = tuple((int(o), int(s)) for o, s in spans)
+    ld = y.shape[1]
+    er = b.shape[0] // e_num if e_num else 0
+    if (len(spans) != m or y.shape[0] != n or gate.shape != (d, m * e_num) or er < 1 or b.shape != (e_num * er, ld)
+            or a.shape != (d, m * e_num * er)):
+        raise ValueError(f"meteora_routed_packed: inconsistent shapes x {x.shape}, y {y.shape}, gate {gate.shape}, "
+                         f"a {a.shape}, b {b.shape}, scaling {scaling.shape} (want gate [{d}, m*E], a [{d}, m*E*r], "
+                         f"b [E*r, {ld}], scaling [m, E]) for {len(spans)} spans")
+    ends = [0] + [o + s for o, s in spans]
+    if any(s < 1 or o < prev for (o, s), prev in zip(spans, ends, strict=False)) or ends[-1] > ld:
+        raise ValueError(f"meteora_routed_packed: spans {spans} must be non-empty, ordered, disjoint column ranges "
+                         f"of y's {ld} columns")
+    if routing not in ("topk_softmax", "softmax_topk"):
+        raise ValueError(f"meteora_routed_packed: routing must be topk_softmax or softmax_topk, got {routing!r}")
+    k = 1 if forced_expert is not None else top_k
+    if not 1 <= k <= e_num:
+        raise ValueError(f"meteora_routed_packed: top_k must be in 1..{e_num}, got {top_k}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    spec = RouteSpec(k, float(temperature), routing, forced_expert)
+    mem = Members(e_num, er, spans, ld)
+    out, logits, experts, weights = _routed_forward(x, y, gate, a, b, scaling, None, None, spec,
+                                                    block_sizes or BlockSizes.get_default(), bool(interpret), mem)
+    return out, logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 
 
 def check_args(x, a, b, scaling, experts, weights):

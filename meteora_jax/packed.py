@@ -14,12 +14,20 @@ projection each (attention: q/k/v, then o; MLP: gate/up, then down) that compute
 so the adapter term is folded into the base product (one GEMM over a K extended by m*E*r rows) and the
 routing of all members is one top-k. The math is the `dense` strategy's; the result equals the unpacked
 model up to float rounding (in bf16 about as far from fp32 as the unpacked model), and the routing is
-identical (same fp32 gate logits). Routing options (`set_routing`) keep working; the strategy option is ignored.
+identical (same fp32 gate logits). Routing options (`set_routing`) keep working.
 
-The block-diagonal expand stores zeros: for q/k/v, (m - 1) / m of `m*E*r x out` is zero. With Llama-3-8B shapes,
-E = 28, r = 8, the packed adapters are 13% of the base weights' bytes (9% without the zeros): the price of
-one product instead of m. A base `Llama` packs too (concatenated kernels only), so benchmarks compare like
-with like.
+Modes (`pack_projections(model, mode=...)`):
+- `fold`: as above. The block-diagonal expand stores zeros: for q/k/v, (m - 1) / m of `m*E*r x out` is zero.
+  With Llama-3-8B shapes, E = 28, r = 8, the packed adapters are 13% of the base weights' bytes (9% without
+  the zeros): the price of one product instead of m.
+- `split`: the same weights, the base product and the expand as two products.
+- `routed`: the base product `x @ [W_1 | ... | W_m]`, then, for calls of at most
+  `BlockSizes.routed_max_tokens` tokens (decoding), every member's gate, routing and adapter term in two Pallas
+  launches that add into the base output in place (`kernels.meteora_pallas.meteora_routed_packed`), instead of
+  two launches per member; longer calls (prefill) run the `dense` math. B is stored as `[E*r, sum(out)]` (member
+  j's `[E, r, out_j]` in its own columns: no zeros when every member has experts).
+- `auto` (default): `routed` when the model's strategy is `fused`, else `fold`.
+A base `Llama` packs too (concatenated kernels only), so benchmarks compare like with like.
 
 Packing is for inference on one device (generation, evaluation): it replaces the original parameters (no
 copy is kept), `checkpoint.save` refuses a packed model, and the sharding rules do not know its names.
@@ -34,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels.meteora_pallas import BlockSizes, meteora_routed_packed
 from meteora_jax.llama import Linear, Llama
 
+MODES = ("fold", "split", "routed")
 GROUPS = (("self_attn", "packed_qkv", ("q_proj", "k_proj", "v_proj")), ("self_attn", "packed_o", ("o_proj",)),
           ("mlp", "packed_gate_up", ("gate_proj", "up_proj")), ("mlp", "packed_down", ("down_proj",)))
 
@@ -44,11 +54,13 @@ class PackedProjection(nnx.Module):
     """Linears `names` on one input as one product (see the module docstring). `__call__(x)` returns
     `(outputs, routings)`: one array per member, and `{name: Routing or None}`."""
 
-    def __init__(self, members: dict[str, Linear], fold: bool = True):
+    def __init__(self, members: dict[str, Linear], mode: str = "fold"):
         from meteora_jax.meteora import ExpertParam, ExpertScaling, GateParam, MeteoraLinear
 
+        if mode not in MODES:
+            raise ValueError(f"packing mode must be one of {MODES}, got {mode!r}")
         self.names = tuple(members)
-        self.fold = fold
+        self.mode = mode
         lins = list(members.values())
         for name, lin in members.items():
             if type(lin) not in (Linear, MeteoraLinear):
@@ -67,7 +79,7 @@ class PackedProjection(nnx.Module):
         self.bias = None if lins[0].bias is None else nnx.Param(jnp.concatenate([lin.bias[...] for lin in lins]))
         if not experts:
             self.kernel = nnx.Param(w)
-            self.gate = self.lora_a = self.scaling = None
+            self.gate = self.lora_a = self.lora_b = self.scaling = None
             return
         first = lins[experts[0]]
         e, r = first.lora_a.shape[0], first.lora_a.shape[2]
@@ -78,13 +90,32 @@ class PackedProjection(nnx.Module):
         self.lora_a = ExpertParam(jnp.concatenate(  # [in, m*E*r], expert-major within a member
             [jnp.transpose(lins[i].lora_a[...], (1, 0, 2)).reshape(self.d_in, e * r) for i in experts], axis=1))
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
-        expand = jnp.zeros((len(experts) * e * r, w.shape[1]), w.dtype)  # blockdiag(B_1, ..., B_m)
-        for j, i in enumerate(experts):
-            b = lins[i].lora_b[...].reshape(e * r, -1).astype(w.dtype)
-            expand = expand.at[j * e * r:(j + 1) * e * r, offsets[i]:offsets[i + 1]].set(b)
-        self.kernel = nnx.Param(jnp.concatenate([w, expand], axis=0))  # [in + m*E*r, sum(out)]
+        self.spans = tuple((int(offsets[i]), int(self.sizes[i])) for i in experts)  # expert members' columns
+        if mode == "routed":  # W as is; every member's B side by side, [E*r, sum(out)]
+            b_side = jnp.zeros((e * r, w.shape[1]), w.dtype)
+            for i in experts:
+                b_side = b_side.at[:, offsets[i]:offsets[i + 1]].set(lins[i].lora_b[...].reshape(e * r, -1)
+                                                                     .astype(w.dtype))
+            self.kernel = nnx.Param(w)
+            self.lora_b = ExpertParam(b_side)
+        else:
+            expand = jnp.zeros((len(experts) * e * r, w.shape[1]), w.dtype)  # blockdiag(B_1, ..., B_m)
+            for j, i in enumerate(experts):
+                b = lins[i].lora_b[...].reshape(e * r, -1).astype(w.dtype)
+                expand = expand.at[j * e * r:(j + 1) * e * r, offsets[i]:offsets[i + 1]].set(b)
+            self.kernel = nnx.Param(jnp.concatenate([w, expand], axis=0))  # [in + m*E*r, sum(out)]
+            self.lora_b = None
         self.scaling = ExpertScaling(jnp.stack([lins[i].scaling[...] for i in experts]))  # [m, E]
         self.set_routing_from(first)
+
+    def _record(self, routings, logits, experts, weights, lead) -> None:
+        """Each expert member's Routing from the packed [N, m, ...] arrays."""
+        from meteora_jax.meteora import Routing
+
+        e, k = self.num_experts, experts.shape[-1]
+        for j, i in enumerate(self.expert_members):
+            routings[self.names[i]] = Routing(logits[:, j].reshape(*lead, e), experts[:, j].reshape(*lead, k),
+                                              weights[:, j].reshape(*lead, k))
 
     def set_routing_from(self, lin) -> None:
         """Copy the routing options (top_k, temperature, routing, forced_expert, adapters_enabled)."""
@@ -96,7 +127,7 @@ class PackedProjection(nnx.Module):
             self.set_routing_from(config)
 
     def __call__(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, Any]]:
-        from meteora_jax.meteora import Routing, route
+        from meteora_jax.meteora import route
         from meteora_jax.strategies import combine_weights
 
         lead = x.shape[:-1]
@@ -106,6 +137,12 @@ class PackedProjection(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         if self.gate is None or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
+        elif self.mode == "routed" and n <= BlockSizes().routed_max_tokens:  # decode: two launches for all
+            y, logits, experts, weights = meteora_routed_packed(
+                xf, xf @ kernel, self.gate[...].astype(jnp.float32), self.lora_a[...].astype(self.dtype),
+                self.lora_b[...].astype(self.dtype), self.scaling[...], self.spans, top_k=self.top_k,
+                temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert)
+            self._record(routings, logits, experts, weights, lead)
         else:
             m, e, r = len(self.expert_members), self.num_experts, self.rank
             logits = (xf.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)).reshape(n, m, e)
@@ -119,13 +156,16 @@ class PackedProjection(nnx.Module):
             coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)  # [N, m, E]
             h = jnp.dot(xf, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
             h = (h.reshape(n, m, e, r) * coef[..., None]).reshape(n, m * e * r).astype(self.dtype)
-            if self.fold:  # one product over [x | h']
+            if self.mode == "fold":  # one product over [x | h']
                 y = jnp.concatenate([xf, h], axis=-1) @ kernel
-            else:  # the base product and the expand apart (no concatenated operand)
+            elif self.mode == "split":  # the base product and the expand apart (no concatenated operand)
                 y = xf @ kernel[:self.d_in] + h @ kernel[self.d_in:]
-            for j, i in enumerate(self.expert_members):
-                routings[self.names[i]] = Routing(logits[:, j].reshape(*lead, e), experts[:, j].reshape(*lead, k),
-                                                  weights[:, j].reshape(*lead, k))
+            else:  # routed, many tokens: each member's expand into its columns
+                y = xf @ kernel
+                b_side = self.lora_b[...].astype(self.dtype)
+                for j, (off, size) in enumerate(self.spans):
+                    y = y.at[:, off:off + size].add(h[:, j * e * r:(j + 1) * e * r] @ b_side[:, off:off + size])
+            self._record(routings, logits, experts, weights, lead)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         outs = jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
@@ -142,17 +182,21 @@ def is_packed(model: Llama) -> bool:
     return bool(packed_projections(model))
 
 
-def pack_projections(model: Llama, fold: bool = True) -> Llama:
+def pack_projections(model: Llama, mode: str = "auto") -> Llama:
     """Pack, in place, the target linears of every layer (see the module docstring); returns the model.
-    The original linears are removed (their memory is freed once nothing else holds them). `fold=False`: the
-    same packed weights, but the base product and the expand run as two products, `x @ W + h' @ blockdiag(B)`,
-    instead of one over the concatenated `[x | h']` (which is faster depends on the shapes and the device)."""
+    The original linears are removed (their memory is freed once nothing else holds them). `mode`: `fold`,
+    `split`, `routed`, or `auto` (`routed` when the model's strategy is `fused`, else `fold`)."""
     if is_packed(model):
         raise ValueError("this model is already packed")
+    if mode == "auto":
+        mcfg = getattr(model, "meteora_config", None)
+        mode = "routed" if mcfg is not None and mcfg.strategy == "fused" else "fold"
+    if mode not in MODES:
+        raise ValueError(f"packing mode must be auto or one of {MODES}, got {mode!r}")
     for layer in model.layers:
         for part, attr, names in GROUPS:
             parent = getattr(layer, part)
-            setattr(parent, attr, nnx.data(PackedProjection({n: getattr(parent, n) for n in names}, fold)))
+            setattr(parent, attr, nnx.data(PackedProjection({n: getattr(parent, n) for n in names}, mode)))
             for n in names:
                 setattr(parent, n, None)
     return model

@@ -307,6 +307,117 @@ def test_routed_bad_args_are_refused():
         mp.meteora_routed(x, y, gate, a, b, s, top_k=2, routing="nope", interpret=True)
 
 
+# ------------------------------------------- routed decode for packed members (meteora_jax.packed, "routed")
+@dataclasses.dataclass(frozen=True)
+class PCase:
+    n: int
+    d: int
+    spans: tuple  # (offset, size) of each member in y's ld columns
+    ld: int
+    e: int
+    r: int
+    k: int
+    dtype: str = "float32"
+    routing: str = "topk_softmax"
+    temperature: float = 1.0
+    forced: int | None = None
+
+    def __str__(self):
+        spans = "_".join(f"{o}+{s}" for o, s in self.spans)
+        return (f"n{self.n}-d{self.d}-{spans}-ld{self.ld}-e{self.e}-r{self.r}-k{self.k}-{self.dtype}-{self.routing}"
+                f"-t{self.temperature}" + ("" if self.forced is None else f"-forced{self.forced}"))
+
+
+PACKED_CPU = (
+    PCase(1, 64, ((0, 48), (48, 16), (64, 16)), 80, 5, 8, 2),
+    PCase(3, 200, ((0, 30), (50, 33)), 100, 7, 6, 3, routing="softmax_topk", temperature=0.7),  # gaps, ragged
+    PCase(16, 96, ((0, 40), (40, 40)), 80, 28, 8, 2, "bfloat16"),
+    PCase(2, 64, ((0, 48), (48, 16), (64, 16)), 80, 5, 8, 1, forced=3),
+)
+PACKED_GPU = (
+    PCase(1, 4096, ((0, 4096), (4096, 1024), (5120, 1024)), 6144, 28, 8, 2, "bfloat16"),  # Llama-3-8B q/k/v
+    PCase(16, 4096, ((0, 14336), (14336, 14336)), 28672, 28, 8, 2, "bfloat16", temperature=0.5),  # gate/up
+    PCase(1, 14336, ((0, 4096),), 4096, 28, 8, 2, "bfloat16"),  # down
+    PCase(3, 576, ((0, 576), (576, 192), (768, 192)), 960, 10, 8, 2, "bfloat16", "softmax_topk", 0.5),  # SmolLM2
+    PCase(3, 200, ((0, 30), (50, 33)), 100, 7, 6, 3),
+    PCase(5, 64, ((0, 48), (48, 16), (64, 16)), 80, 5, 8, 1, forced=3),
+)
+
+
+def packed_inputs(c: PCase, seed: int):
+    rng = np.random.default_rng(seed)
+    dt, m = jnp.dtype(c.dtype), len(c.spans)
+    x = jnp.asarray(rng.standard_normal((c.n, c.d)), dt)
+    y = jnp.asarray(rng.standard_normal((c.n, c.ld)), dt)
+    gate = jnp.asarray(rng.standard_normal((c.d, m * c.e)) / c.d ** 0.5, jnp.float32)
+    a = jnp.asarray(rng.standard_normal((c.d, m * c.e * c.r)) / c.d ** 0.5, dt)
+    b = jnp.asarray(rng.standard_normal((c.e * c.r, c.ld)) / c.r ** 0.5, dt)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, (m, c.e)), jnp.float32)
+    return x, y, gate, a, b, s
+
+
+def check_routed_packed(c: PCase, interpret: bool, seed: int = 0):
+    """The packed pair against, per member, `meteora.route` and the gathering float32 reference on that member's
+    slices: experts equal; logits, weights and y + delta close; columns outside every span unchanged."""
+    from meteora_jax.meteora import route
+
+    x, y, gate, a, b, s = packed_inputs(c, seed)
+    m, e, r = len(c.spans), c.e, c.r
+    out, logits, experts, weights = mp.meteora_routed_packed(
+        x, y, gate, a, b, s, c.spans, top_k=c.k, temperature=c.temperature, routing=c.routing,
+        forced_expert=c.forced, interpret=interpret)
+    k = 1 if c.forced is not None else c.k
+    assert out.shape == y.shape and out.dtype == y.dtype
+    assert logits.shape == (c.n, m, e) and experts.shape == weights.shape == (c.n, m, k)
+    want = np.asarray(y, np.float32).copy()
+    for j, (off, size) in enumerate(c.spans):
+        lg = jnp.dot(x.astype(jnp.float32), gate[:, j * e:(j + 1) * e], precision=jax.lax.Precision.HIGHEST)
+        if c.forced is None:
+            w, ex = route(lg, c.k, c.temperature, c.routing)
+        else:
+            ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+        aj = a[:, j * e * r:(j + 1) * e * r].reshape(c.d, e, r).transpose(1, 0, 2)
+        bj = b[:, off:off + size].reshape(e, r, size)
+        delta = mp.meteora_reference(x, aj, bj, s[j], ex, w).astype(jnp.float32)
+        want[:, off:off + size] += np.asarray(delta)
+        np.testing.assert_array_equal(np.asarray(experts[:, j]), np.asarray(ex), err_msg=f"experts of member {j}")
+        assert_close(logits[:, j], lg, 1e-5, f"logits of member {j}")
+        assert_close(weights[:, j], w, 1e-5, f"weights of member {j}")
+        assert_close(np.asarray(out, np.float32)[:, off:off + size] - np.asarray(y, np.float32)[:, off:off + size],
+                     want[:, off:off + size] - np.asarray(y, np.float32)[:, off:off + size], TOL[c.dtype],
+                     f"delta of member {j}")
+    outside = np.ones(c.ld, bool)
+    for off, size in c.spans:
+        outside[off:off + size] = False
+    np.testing.assert_array_equal(np.asarray(out)[:, outside], np.asarray(y)[:, outside], err_msg="outside spans")
+
+
+@pytest.mark.parametrize("case", PACKED_CPU, ids=str)
+def test_routed_packed_interpret(case):
+    check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PACKED_GPU, ids=str)
+def test_routed_packed_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_routed_packed(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+def test_routed_packed_bad_args_are_refused():
+    x, y, gate, a, b, s = packed_inputs(PACKED_CPU[0], 0)
+    spans = PACKED_CPU[0].spans
+    with pytest.raises(ValueError, match=r"inconsistent shapes"):
+        mp.meteora_routed_packed(x, y, gate[:, :10], a, b, s, spans, top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"spans .* must be non-empty, ordered, disjoint"):
+        mp.meteora_routed_packed(x, y, gate, a, b, s, ((0, 48), (40, 16), (64, 16)), top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"spans .* must be non-empty, ordered, disjoint"):
+        mp.meteora_routed_packed(x, y, gate, a, b, s, ((0, 48), (48, 16), (64, 17)), top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"top_k must be in 1..5"):
+        mp.meteora_routed_packed(x, y, gate, a, b, s, spans, top_k=6, interpret=True)
+
+
 def test_model_decode_uses_the_routed_kernels(monkeypatch):
     """A MeteoRA linear with strategy `fused` runs calls of at most `max_tokens` tokens through `meteora_routed`
     and returns what `dense` returns: output, logits, experts, weights; longer calls take the other path."""

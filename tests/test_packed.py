@@ -16,7 +16,7 @@ from meteora_jax.api import load_model
 from meteora_jax.config import LlamaConfig
 from meteora_jax.llama import TARGET_MODULES, Linear, Llama
 from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, set_routing
-from meteora_jax.packed import PackedProjection, is_packed, pack_projections
+from meteora_jax.packed import PackedProjection, is_packed, pack_projections, packed_projections
 
 
 def copy(model):
@@ -38,8 +38,14 @@ CASES = [
     dict(top_k=3, routing="softmax_topk", temperature=0.7),
     dict(top_k=2, target_modules=("q_proj", "v_proj", "down_proj"), bias=True),
     dict(top_k=2, target_modules=("k_proj", "gate_proj", "o_proj"), rank=5, experts=6),
-    dict(top_k=2, temperature=2.0, fold=False),  # the base product and the expand apart
-    dict(top_k=3, target_modules=("q_proj", "k_proj", "up_proj", "down_proj"), bias=True, rank=5, fold=False),
+    dict(top_k=2, temperature=2.0, mode="split"),  # the base product and the expand apart
+    dict(top_k=3, target_modules=("q_proj", "k_proj", "up_proj", "down_proj"), bias=True, rank=5, mode="split"),
+    # routed: 27 tokens take the dense math; 8 tokens (<= routed_max_tokens) the routed kernels, interpret mode
+    dict(top_k=2, temperature=2.0, mode="routed"),
+    dict(top_k=2, temperature=2.0, mode="routed", lengths=(4, 2)),
+    dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="routed", lengths=(4, 3)),
+    dict(top_k=3, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), bias=True, rank=5, experts=6,
+         mode="routed", lengths=(4, 1)),
 ]
 
 
@@ -47,17 +53,18 @@ CASES = [
 def test_packed_forward_equals_unpacked_loop(case):
     case = dict(case)
     bias, e, r = case.pop("bias", False), case.pop("experts", 4), case.pop("rank", 3)
-    fold = case.pop("fold", True)
+    mode, lengths = case.pop("mode", "fold"), case.pop("lengths", (9, 5, 2))
     cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=12, attention_bias=bias, mlp_bias=bias, dtype="float32",
                       param_dtype="float32")
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(e)), r, strategy="loop", **case)
     seed = int(np.random.default_rng().integers(1 << 30))
     ref = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(seed))
-    packed = pack_projections(copy(ref), fold=fold)
+    packed = pack_projections(copy(ref), mode=mode)
     assert is_packed(packed) and not is_packed(ref)
+    assert {p.mode for p in packed_projections(packed) if p.gate is not None} == {mode}
     assert all(getattr(layer.self_attn, m) is None for layer in packed.layers for m in TARGET_MODULES[:4])
-    tokens, mask = left_padded_batch(np.random.default_rng(seed), cfg.vocab_size, lengths=(9, 5, 2), total=9)
+    tokens, mask = left_padded_batch(np.random.default_rng(seed), cfg.vocab_size, lengths=lengths, total=max(lengths))
     want, got = ref(jnp.asarray(tokens), jnp.asarray(mask)), packed(jnp.asarray(tokens), jnp.asarray(mask))
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got.logits)[real], np.asarray(want.logits)[real], rtol=1e-5, atol=1e-5)
@@ -96,13 +103,15 @@ def test_packed_forced_expert_equals_peft_generate(tiny_llama3):
         assert gen.generate(ours, PROMPTS, max_new_tokens=n).tokens == [hf_generate(peft, p, n) for p in PROMPTS]
 
 
-def test_packed_generate_and_trace_equal_unpacked(tiny_llama3):
-    """Same tokens, experts and weights. The weights are compared to 2e-3: the packed products round in another
+@pytest.mark.parametrize("mode", ["fold", "routed"])
+def test_packed_generate_and_trace_equal_unpacked(tiny_llama3, mode):
+    """Same tokens, experts and weights (`routed`: decode steps through the routed kernels, interpret mode).
+    The weights are compared to 2e-3: the packed products round in another
     order, and with these large random adapters (std 0.3) the fp32 difference grows over the decode steps; a run
     saw 6.5e-4 on one of 308 weights (a packing mistake changes tokens and experts)."""
     seed = int(np.random.default_rng().integers(1000))
     ref = random_meteora(tiny_llama3[0], seed=seed, top_k=2, temperature=3.0)
-    packed = pack_projections(copy(ref))
+    packed = pack_projections(copy(ref), mode=mode)
     want = gen.generate(ref, PROMPTS, max_new_tokens=9, trace=True)
     got = gen.generate(packed, PROMPTS, max_new_tokens=9, trace=True)
     assert got.tokens == want.tokens, f"seed {seed}"
