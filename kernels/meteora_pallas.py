@@ -563,12 +563,12 @@ def _routed_expand_kernel(*refs, n, mem: Members, k, bm, bn, ep, cp, gc, spec, h
     pid = pl.program_id(0)
     starts = mem.tile_starts(bn)
     j, first_tile, off, end = 0, starts[0], mem.spans[0][0], sum(mem.spans[0])
-    for jj in range(1, m):  # which member this program serves (static table)
-        here = pid >= starts[jj]
-        j = jnp.where(here, jj, j)
-        first_tile = jnp.where(here, starts[jj], first_tile)
-        off = jnp.where(here, mem.spans[jj][0], off)
-        end = jnp.where(here, sum(mem.spans[jj]), end)
+    for jj in range(1, m):  # which member this program serves (static table; arithmetic, no scalar selects)
+        here = (pid >= starts[jj]).astype(jnp.int32)
+        j = j + here
+        first_tile = first_tile + here * (starts[jj] - starts[jj - 1])
+        off = off + here * (mem.spans[jj][0] - mem.spans[jj - 1][0])
+        end = end + here * (sum(mem.spans[jj]) - sum(mem.spans[jj - 1]))
     rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
     cols = off + (pid - first_tile) * bn + _iota(bn)
     rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end

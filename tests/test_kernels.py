@@ -297,6 +297,18 @@ def test_routed_gpu(case):
     check_routed(case, interpret=False)
 
 
+@pytest.mark.parametrize("case", ROUTED_GPU, ids=str)
+def test_routed_lowers_to_triton(case):
+    """The routed pair's GPU cases, forward and backward, lower through Pallas' Triton backend on any machine."""
+    x, y, gate, a, b, s = (jax.ShapeDtypeStruct(t.shape, t.dtype) for t in routed_inputs(case, 0))
+    kw = dict(top_k=case.k, temperature=case.temperature, routing=case.routing, forced_expert=case.forced)
+    fwd = lambda *p: mp.meteora_routed(*p, **kw, interpret=False)
+    loss = lambda *p: sum(jnp.sum(t.astype(jnp.float32)) for t in (fwd(*p)[0], fwd(*p)[1], fwd(*p)[3]))
+    for f in (fwd, jax.grad(loss, argnums=(0, 2))):
+        text = jax.jit(f).trace(x, y, gate, a, b, s).lower(lowering_platforms=("cuda",)).as_text()
+        assert "meteora_routed_shrink" in text and "meteora_routed_expand" in text
+
+
 def test_routed_bad_args_are_refused():
     x, y, gate, a, b, s = routed_inputs(RCase(2, 32, 16, 3, 4, 2), 0)
     with pytest.raises(ValueError, match=r"gate \(16, 3\) must be \[in=32, E=3\]"):
@@ -344,9 +356,14 @@ PACKED_GPU = (
 )
 
 
-def packed_inputs(c: PCase, seed: int):
-    rng = np.random.default_rng(seed)
+def packed_inputs(c: PCase, seed: int, abstract: bool = False):
+    """Random inputs of a case (`abstract`: their shapes and dtypes only)."""
     dt, m = jnp.dtype(c.dtype), len(c.spans)
+    if abstract:
+        shapes = ((c.n, c.d, dt), (c.n, c.ld, dt), (c.d, m * c.e, jnp.float32), (c.d, m * c.e * c.r, dt),
+                  (c.e * c.r, c.ld, dt), (m, c.e, jnp.float32))
+        return tuple(jax.ShapeDtypeStruct(sh[:-1], sh[-1]) for sh in shapes)
+    rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((c.n, c.d)), dt)
     y = jnp.asarray(rng.standard_normal((c.n, c.ld)), dt)
     gate = jnp.asarray(rng.standard_normal((c.d, m * c.e)) / c.d ** 0.5, jnp.float32)
@@ -403,6 +420,17 @@ def test_routed_packed_gpu(case):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU (run on the device machine)")
     check_routed_packed(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+@pytest.mark.parametrize("case", PACKED_GPU, ids=str)
+def test_routed_packed_lowers_to_triton(case):
+    """The GPU cases lower through Pallas' Triton backend (no GPU needed to lower): catches kernels that interpret
+    mode runs but Triton cannot compile, before the device does."""
+    x, y, gate, a, b, s = packed_inputs(case, 0, abstract=True)
+    fn = lambda *p: mp.meteora_routed_packed(*p, case.spans, top_k=case.k, temperature=case.temperature,
+                                             routing=case.routing, forced_expert=case.forced, interpret=False)
+    text = jax.jit(fn).trace(x, y, gate, a, b, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("meteora_routed_shrink") >= 1 and text.count("meteora_routed_expand") >= 1
 
 
 def test_routed_packed_bad_args_are_refused():
