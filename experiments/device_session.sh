@@ -11,7 +11,7 @@
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
 # `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
 # layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
-# layer_bench_tuned (uses that tune.json), generate_bench, profile and profile_cmdbuf
+# layer_bench_tuned (uses that tune.json), tune_decode (TUNE_DECODE_ARGS), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
 # CUDA graphs).
 set -u
@@ -59,6 +59,7 @@ for job in "$@"; do
     profile) run profile python3 experiments/profile_decode.py --out "$RES/profile.json" ${PROFILE_ARGS:-} ;;
     profile_cmdbuf) run profile_cmdbuf env XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" python3 experiments/profile_decode.py \
                       --out "$RES/profile_cmdbuf.json" ${PROFILE_ARGS:-} ;;
+    tune_decode) run tune_decode python3 experiments/tune_decode.py --out "$RES/decode_tune" ${TUNE_DECODE_ARGS:-} ;;
     generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
                       ${GENERATE_ARGS:-} ;;
     *) echo "== unknown job $job" >> "$RES/progress" ;;

@@ -79,15 +79,28 @@ class BlockSizes:
     routed_splits: int = 256  # routed shrink: at most this many programs (each adds its D range atomically)
     routed_block_out: int = 128  # routed expand: output columns per program
     routed_block_cols: int = 256  # routed shrink: columns of A per program
+    routed_block_gate: int = 128  # routed shrink: gate columns per program
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
     @classmethod
     def get_default(cls) -> BlockSizes:
-        return cls()
+        """The class defaults, or what `set_default_block_sizes` set."""
+        return _DEFAULT_OVERRIDE[0] or cls()
 
     def warps(self, bm: int, bn: int) -> int:
         return self.num_warps or (8 if bm * bn >= 64 * 256 else 4)
+
+
+_DEFAULT_OVERRIDE: list[BlockSizes | None] = [None]
+
+
+def set_default_block_sizes(bs: BlockSizes | None) -> None:
+    """Make `bs` what `BlockSizes.get_default()` returns (None: back to the class defaults), for calls that pass no
+    block sizes (the model's). Read at trace time: already compiled functions keep theirs (`jax.clear_caches()`)."""
+    if bs is not None and not isinstance(bs, BlockSizes):
+        raise TypeError(f"set_default_block_sizes: expected a BlockSizes or None, got {type(bs).__name__}")
+    _DEFAULT_OVERRIDE[0] = bs
 
 
 def _p2(n: int, lo: int = 16, hi: int | None = None) -> int:
@@ -476,11 +489,12 @@ class Members:
         return tuple(out)
 
 
-def _routed_shrink_kernel(x_ref, g_ref, a_ref, z_ref, o_ref, *, n, d, gc, c, bm, bd, bc, gp, chunks, ablocks,
-                          a_layout, gate, dtype, interpret):
-    """Program (s, cb) adds x[:, Ds] @ A[Ds, cols of block cb] into o[n*gc:] (P, [N, c]) and, for cb == ablocks,
-    x[:, Ds] @ G[Ds] into o[:n*gc] (logits, [N, gc])."""
-    del z_ref  # the zeroed buffer, aliased to o_ref
+def _routed_shrink_kernel(x_ref, g_ref, a_ref, *refs, n, d, gc, c, bm, bd, bc, bg, chunks, ablocks, a_layout, gate,
+                          atomic, dtype, interpret):
+    """Program (s, cb) adds x[:, Ds] @ A[Ds, cols of block cb] into o[n*gc:] (P, [N, c]) or, for cb >= ablocks,
+    x[:, Ds] @ G[Ds, cols of gate block cb - ablocks] into o[:n*gc] (logits, [N, gc]). With one D range
+    (`atomic` False) it stores instead of adding, and o needs no zeroing."""
+    o_ref = refs[-1]  # (with atomics, refs[0] is the zeroed buffer, aliased to o_ref)
     s, cb = pl.program_id(0), pl.program_id(1)
     rows = _iota(bm)
     rmask = rows < n
@@ -502,10 +516,10 @@ def _routed_shrink_kernel(x_ref, g_ref, a_ref, z_ref, o_ref, *, n, d, gc, c, bm,
 
         p = lax.fori_loop(0, chunks, body, jnp.zeros((bm, bc), jnp.float32))
         _store(o_ref, n * gc + rows[:, None] * c + cols[None, :], p, rmask[:, None] & cmask[None, :], interpret,
-               atomic=True)
+               atomic=atomic)
 
     def gate_product():
-        cols = _iota(gp)
+        cols = (cb - ablocks) * bg + _iota(bg)
         cmask = cols < gc
 
         def body(t, lg):
@@ -513,12 +527,13 @@ def _routed_shrink_kernel(x_ref, g_ref, a_ref, z_ref, o_ref, *, n, d, gc, c, bm,
             gv = _load(g_ref, dd[:, None] * gc + cols[None, :], dmask[:, None] & cmask[None, :], interpret)
             return lg + _dot(xv.astype(jnp.float32), gv.astype(jnp.float32))
 
-        lg = lax.fori_loop(0, chunks, body, jnp.zeros((bm, gp), jnp.float32))
-        _store(o_ref, rows[:, None] * gc + cols[None, :], lg, rmask[:, None] & cmask[None, :], interpret, atomic=True)
+        lg = lax.fori_loop(0, chunks, body, jnp.zeros((bm, bg), jnp.float32))
+        _store(o_ref, rows[:, None] * gc + cols[None, :], lg, rmask[:, None] & cmask[None, :], interpret,
+               atomic=atomic)
 
     if gate:
         pl.when(cb < ablocks)(shrink)
-        pl.when(cb == ablocks)(gate_product)
+        pl.when(cb >= ablocks)(gate_product)
     else:
         shrink()
 
@@ -636,16 +651,20 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     gc = m * e if gated else 0
     bc = min(bs.routed_block_cols, _p2(c, 16))
     ablocks = pl.cdiv(c, bc)
-    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, gp=_p2(gc, 16),
-                               chunks=chunks, ablocks=ablocks, a_layout=a_layout, gate=gated, dtype=x.dtype,
-                               interpret=interpret)
+    bg = min(bs.routed_block_gate, _p2(gc, 16))
+    gblocks = pl.cdiv(gc, bg) if gated else 0
+    atomic = programs > 1
+    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, bg=bg,
+                               chunks=chunks, ablocks=ablocks, a_layout=a_layout, gate=gated, atomic=atomic,
+                               dtype=x.dtype, interpret=interpret)
     size = n * (gc + c)
+    args = [x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1)]
     buf = pl.pallas_call(
-        shrink, grid=(programs, ablocks + (1 if gated else 0)),
-        out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0},
+        shrink, grid=(programs, ablocks + gblocks),
+        out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0} if atomic else {},
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
         name="meteora_routed_shrink",
-    )(x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1), jnp.zeros((size,), f32))
+    )(*args, *([jnp.zeros((size,), f32)] if atomic else []))
     k = spec.top_k if gated else experts.shape[-1]
     args = [buf] + ([] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
     args += [b.reshape(-1), scaling.reshape(-1).astype(f32)]

@@ -137,7 +137,7 @@ class PackedProjection(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         if self.gate is None or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
-        elif self.mode == "routed" and n <= BlockSizes().routed_max_tokens:  # decode: two launches for all
+        elif self.mode == "routed" and n <= BlockSizes.get_default().routed_max_tokens:  # decode: two launches for all
             y, logits, experts, weights = meteora_routed_packed(
                 xf, xf @ kernel, self.gate[...].astype(jnp.float32), self.lora_a[...].astype(self.dtype),
                 self.lora_b[...].astype(self.dtype), self.scaling[...], self.spans, top_k=self.top_k,

@@ -373,7 +373,7 @@ def packed_inputs(c: PCase, seed: int, abstract: bool = False):
     return x, y, gate, a, b, s
 
 
-def check_routed_packed(c: PCase, interpret: bool, seed: int = 0):
+def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=None):
     """The packed pair against, per member, `meteora.route` and the gathering float32 reference on that member's
     slices: experts equal; logits, weights and y + delta close; columns outside every span unchanged."""
     from meteora_jax.meteora import route
@@ -382,7 +382,7 @@ def check_routed_packed(c: PCase, interpret: bool, seed: int = 0):
     m, e, r = len(c.spans), c.e, c.r
     out, logits, experts, weights = mp.meteora_routed_packed(
         x, y, gate, a, b, s, c.spans, top_k=c.k, temperature=c.temperature, routing=c.routing,
-        forced_expert=c.forced, interpret=interpret)
+        forced_expert=c.forced, block_sizes=block_sizes, interpret=interpret)
     k = 1 if c.forced is not None else c.k
     assert out.shape == y.shape and out.dtype == y.dtype
     assert logits.shape == (c.n, m, e) and experts.shape == weights.shape == (c.n, m, k)
@@ -414,21 +414,38 @@ def test_routed_packed_interpret(case):
     check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)))
 
 
+PACKED_BLOCKS = (  # other tilings of the shrink: one D range (plain stores, no zeroed buffer), narrow blocks
+    mp.BlockSizes(routed_splits=1, routed_block_cols=16, routed_block_gate=16),
+    mp.BlockSizes(routed_block_in=32, routed_splits=2, routed_block_cols=32, routed_block_gate=16,
+                  routed_block_out=32),
+)
+
+
+@pytest.mark.parametrize("bs", PACKED_BLOCKS, ids=lambda b: f"splits{b.routed_splits}-cols{b.routed_block_cols}")
+@pytest.mark.parametrize("case", PACKED_CPU[:2], ids=str)
+def test_routed_packed_tilings_interpret(case, bs):
+    check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)), block_sizes=bs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
 def test_routed_packed_gpu(case):
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU (run on the device machine)")
-    check_routed_packed(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)))
+    seed = int(np.random.default_rng().integers(1 << 30))
+    check_routed_packed(case, interpret=False, seed=seed)
+    check_routed_packed(case, interpret=False, seed=seed, block_sizes=PACKED_BLOCKS[0])
 
 
+@pytest.mark.parametrize("bs", (None, *PACKED_BLOCKS), ids=lambda b: f"splits{b.routed_splits}" if b else "default")
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
-def test_routed_packed_lowers_to_triton(case):
+def test_routed_packed_lowers_to_triton(case, bs):
     """The GPU cases lower through Pallas' Triton backend (no GPU needed to lower): catches kernels that interpret
     mode runs but Triton cannot compile, before the device does."""
     x, y, gate, a, b, s = packed_inputs(case, 0, abstract=True)
     fn = lambda *p: mp.meteora_routed_packed(*p, case.spans, top_k=case.k, temperature=case.temperature,
-                                             routing=case.routing, forced_expert=case.forced, interpret=False)
+                                             routing=case.routing, forced_expert=case.forced, block_sizes=bs,
+                                             interpret=False)
     text = jax.jit(fn).trace(x, y, gate, a, b, s).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("meteora_routed_shrink") >= 1 and text.count("meteora_routed_expand") >= 1
 

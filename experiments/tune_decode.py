@@ -1,0 +1,138 @@
+"""Tune the routed kernels' block sizes where they run: inside the jitted decode loop of a packed MeteoRA model.
+
+For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the `packed-routed`
+model (`meteora_jax.packed`, mode routed) is recompiled with those defaults and timed as `bench_generate.py`
+times it (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16
+weights), next to the equally packed base model; results in OUT.json and OUT.md, best first per batch.
+
+    python experiments/tune_decode.py --shape llama3-8b --batches 1,16 --out experiments/results/decode_tune
+    python experiments/tune_decode.py --shape tiny --batches 1 --steps 4 --prompt 4 --out /tmp/t   # smoke (CPU)
+
+Configurations: `--configs '[{"routed_block_out": 64}, ...]'` or the built-in sweep (`CONFIGS`); `{}` is the
+class defaults. A configuration that fails to compile or run is recorded with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import SHAPES, _err, _time_decode  # noqa: E402
+
+CONFIGS = (
+    {},
+    {"routed_block_out": 64},
+    {"routed_block_out": 256},
+    {"routed_block_in": 128},
+    {"routed_block_in": 256},
+    {"routed_block_cols": 128},
+    {"routed_block_cols": 128, "routed_block_gate": 32},
+    {"routed_splits": 16, "routed_block_in": 128, "routed_block_cols": 128},
+    {"routed_splits": 8, "routed_block_cols": 64, "routed_block_gate": 32},
+    {"routed_splits": 1, "routed_block_in": 128, "routed_block_cols": 32, "routed_block_gate": 16},
+    {"routed_splits": 1, "routed_block_in": 256, "routed_block_cols": 16, "routed_block_gate": 16},
+)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output path without suffix (.json and .md are written)")
+    p.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(SHAPES)}")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--configs", help="JSON list of BlockSizes field dicts (default: the built-in sweep)")
+    p.add_argument("--experts", type=int, default=28)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=128, help="context (prompt) tokens")
+    p.add_argument("--steps", type=int, default=64, help="decode steps per timed run")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--budget", type=float, default=540, help="seconds; configurations left after it are skipped")
+    args = p.parse_args(argv)
+    if args.shape not in SHAPES:
+        p.error(f"--shape: expected one of {sorted(SHAPES)}, got {args.shape!r}")
+    configs = json.loads(args.configs) if args.configs else list(CONFIGS)
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        p.error("--configs: expected a JSON list of objects")
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from kernels import meteora_pallas as mp
+    from meteora_jax.config import LlamaConfig
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, base_model
+    from meteora_jax.packed import pack_projections
+
+    try:
+        blocks = [mp.BlockSizes(**c) for c in configs]
+    except TypeError as e:
+        p.error(f"--configs: {e}")
+    start = time.time()
+    cfg = LlamaConfig(**SHAPES[args.shape], dtype="bfloat16", param_dtype="bfloat16")
+    mcfg = MeteoraConfig(tuple(f"e{i}" for i in range(args.experts)), args.rank, top_k=args.top_k)
+    meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
+    base = pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
+    model = pack_projections(meteora, mode="routed")
+    records = []
+    meta = {"command": "python experiments/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
+            "experts": args.experts, "rank": args.rank, "top_k": args.top_k, "prompt": args.prompt,
+            "steps": args.steps, "date": time.strftime("%Y-%m-%d")}
+    rng = np.random.default_rng(0)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        sec, _ = _time_decode(base, cfg, batch, args.steps, args, rng)
+        records.append({"batch": batch, "variant": "base-packed", "step_ms": 1e3 * sec / (args.steps - 1)})
+        print(json.dumps(records[-1]), flush=True)
+        for c, bs in zip(configs, blocks, strict=True):
+            rec = {"batch": batch, "variant": "packed-routed", "config": c}
+            if time.time() - start > args.budget:
+                rec["error"] = "time budget"
+            else:
+                mp.set_default_block_sizes(bs)
+                jax.clear_caches()
+                try:
+                    sec, first = _time_decode(model, cfg, batch, args.steps, args, rng)
+                    rec.update(step_ms=1e3 * sec / (args.steps - 1), first_call_s=first)
+                except Exception as e:  # a tiling that does not compile here: recorded
+                    rec["error"] = _err(e)
+                finally:
+                    mp.set_default_block_sizes(None)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps({"meta": meta, "records": records}, indent=1)),
+                         (".md", render_md(meta, records))):
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+    return 0
+
+
+def render_md(meta, records) -> str:
+    lines = [f"# Routed-kernel block sizes in the decode loop ({meta['shape']}, {meta['device']})", "",
+             f"Command: `{meta['command']}` ({meta['date']}, jax {meta['jax']}). MeteoRA E = {meta['experts']}, "
+             f"r = {meta['rank']}, k = {meta['top_k']} on all seven modules, packed (mode routed); "
+             f"{meta['prompt']}-token context, {meta['steps']} steps; step / base-packed step.", ""]
+    for batch in dict.fromkeys(r["batch"] for r in records):
+        rows = [r for r in records if r["batch"] == batch]
+        base = next((r["step_ms"] for r in rows if r["variant"] == "base-packed"), None)
+        lines += [f"## Batch {batch} (base-packed {base:.3f} ms per step)" if base else f"## Batch {batch}", "",
+                  "| config | ms per step | / base-packed |", "|---|---|---|"]
+        timed = sorted((r for r in rows if "step_ms" in r and r["variant"] != "base-packed"),
+                       key=lambda r: r["step_ms"])
+        for r in timed:
+            ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
+            lines.append(f"| `{json.dumps(r['config'])}` | {r['step_ms']:.3f} | {ratio} |")
+        lines += [f"| `{json.dumps(r['config'])}` | {r['error']} | - |" for r in rows if "error" in r]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
