@@ -80,6 +80,7 @@ class BlockSizes:
     routed_block_out: int = 128  # routed expand: output columns per program
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
+    routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -166,16 +167,17 @@ def _load(ref, off, mask, interpret):
 
 
 def _store(ref, off, val, mask, interpret, atomic=False):
+    """Store (or atomically add, returning the old values) `val` at `off` where `mask`."""
     if interpret:  # the emulated scatter drops out-of-range lanes: send masked ones there
         off = jnp.where(mask, off, ref.shape[0])
         if atomic:
-            plgpu.atomic_add(ref, off, val)
-        else:
-            plgpu.store(ref.at[off], val)
+            return plgpu.atomic_add(ref, off, val)
+        plgpu.store(ref.at[off], val)
     elif atomic:
-        plgpu.atomic_add(ref, off, val, mask=mask)
+        return plgpu.atomic_add(ref, off, val, mask=mask)
     else:
         plgpu.store(ref.at[off], val, mask=mask)
+    return None
 
 
 def _dot(a, b):
@@ -489,13 +491,18 @@ class Members:
         return tuple(out)
 
 
-def _routed_shrink_kernel(x_ref, g_ref, a_ref, *refs, n, d, gc, c, bm, bd, bc, bg, chunks, ablocks, a_layout, gate,
-                          atomic, dtype, interpret):
+def _routed_shrink_kernel(x_ref, g_ref, a_ref, *refs, **kw):
     """Program (s, cb) adds x[:, Ds] @ A[Ds, cols of block cb] into o[n*gc:] (P, [N, c]) or, for cb >= ablocks,
     x[:, Ds] @ G[Ds, cols of gate block cb - ablocks] into o[:n*gc] (logits, [N, gc]). With one D range
     (`atomic` False) it stores instead of adding, and o needs no zeroing."""
-    o_ref = refs[-1]  # (with atomics, refs[0] is the zeroed buffer, aliased to o_ref)
-    s, cb = pl.program_id(0), pl.program_id(1)
+    # (with atomics, refs[0] is the zeroed buffer, aliased to refs[-1])
+    _shrink_body(x_ref, g_ref, a_ref, refs[-1], pl.program_id(0), pl.program_id(1), **kw)
+
+
+def _shrink_body(x_ref, g_ref, a_ref, o_ref, s, cb, *, n, d, gc, c, bm, bd, bc, bg, chunks, ablocks, a_layout, gate,
+                 atomic, dtype, interpret, signal=None):
+    """The shrink program (s, cb); `signal(old)`, if given, runs after its atomic adds with the values they
+    returned (so after they are done)."""
     rows = _iota(bm)
     rmask = rows < n
 
@@ -515,8 +522,10 @@ def _routed_shrink_kernel(x_ref, g_ref, a_ref, *refs, n, d, gc, c, bm, bd, bc, b
             return p + _dot(xv.astype(dtype), av.astype(dtype))
 
         p = lax.fori_loop(0, chunks, body, jnp.zeros((bm, bc), jnp.float32))
-        _store(o_ref, n * gc + rows[:, None] * c + cols[None, :], p, rmask[:, None] & cmask[None, :], interpret,
-               atomic=atomic)
+        old = _store(o_ref, n * gc + rows[:, None] * c + cols[None, :], p, rmask[:, None] & cmask[None, :],
+                     interpret, atomic=atomic)
+        if signal is not None:
+            signal(old)
 
     def gate_product():
         cols = (cb - ablocks) * bg + _iota(bg)
@@ -528,8 +537,10 @@ def _routed_shrink_kernel(x_ref, g_ref, a_ref, *refs, n, d, gc, c, bm, bd, bc, b
             return lg + _dot(xv.astype(jnp.float32), gv.astype(jnp.float32))
 
         lg = lax.fori_loop(0, chunks, body, jnp.zeros((bm, bg), jnp.float32))
-        _store(o_ref, rows[:, None] * gc + cols[None, :], lg, rmask[:, None] & cmask[None, :], interpret,
-               atomic=atomic)
+        old = _store(o_ref, rows[:, None] * gc + cols[None, :], lg, rmask[:, None] & cmask[None, :], interpret,
+                     atomic=atomic)
+        if signal is not None:
+            signal(old)
 
     if gate:
         pl.when(cb < ablocks)(shrink)
@@ -563,7 +574,7 @@ def _pick(logits, valid, ecols, spec: RouteSpec):
     return idx, [u / tot for u in ex]
 
 
-def _routed_expand_kernel(*refs, n, mem: Members, k, bm, bn, ep, cp, gc, spec, has_y, dtype, interpret):
+def _routed_expand_kernel(*refs, spec, has_y, **kw):
     """Program i serves output columns of one member j: routing of its tokens from its logits (or given), coef,
     y[:, tile] += (coef * P_j) @ B[picked rows, tile]. A member's first program writes its experts and weights."""
     refs = list(refs)
@@ -573,9 +584,16 @@ def _routed_expand_kernel(*refs, n, mem: Members, k, bm, bn, ep, cp, gc, spec, h
     b_ref, s_ref = refs.pop(0), refs.pop(0)
     y_ref = refs.pop(0) if has_y else None
     out_ref = refs.pop(0)
+    ex_ref, wt_ref = (None, None) if given else refs
+    _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pl.program_id(0), spec=spec,
+                 **kw)
+
+
+def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
+                 bn, ep, cp, gc, spec, dtype, interpret):
+    given, has_y = spec is None, y_ref is not None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
     c, er = m * e * r, e * r
-    pid = pl.program_id(0)
     starts = mem.tile_starts(bn)
     j, first_tile, off, end = 0, starts[0], mem.spans[0][0], sum(mem.spans[0])
     for jj in range(1, m):  # which member this program serves (static table; arithmetic, no scalar selects)
@@ -614,7 +632,6 @@ def _routed_expand_kernel(*refs, n, mem: Members, k, bm, bn, ep, cp, gc, spec, h
         delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
     _store(out_ref, yoff, delta, omask2, interpret)
     if not given:  # the routing of member j, once (its first program)
-        ex_ref, wt_ref = refs
         first = pid == first_tile
         for jj in range(k):
             _store(ex_ref, rows * (m * k) + j * k + jj, idx[jj], rmask & first, interpret)
@@ -654,41 +671,87 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     bg = min(bs.routed_block_gate, _p2(gc, 16))
     gblocks = pl.cdiv(gc, bg) if gated else 0
     atomic = programs > 1
-    shrink = functools.partial(_routed_shrink_kernel, n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, bg=bg,
-                               chunks=chunks, ablocks=ablocks, a_layout=a_layout, gate=gated, atomic=atomic,
-                               dtype=x.dtype, interpret=interpret)
-    size = n * (gc + c)
-    args = [x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1)]
-    buf = pl.pallas_call(
-        shrink, grid=(programs, ablocks + gblocks),
-        out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0} if atomic else {},
-        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
-        name="meteora_routed_shrink",
-    )(*args, *([jnp.zeros((size,), f32)] if atomic else []))
     k = spec.top_k if gated else experts.shape[-1]
-    args = [buf] + ([] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)])
-    args += [b.reshape(-1), scaling.reshape(-1).astype(f32)]
-    out_dtype = x.dtype if y is None else y.dtype
-    aliases = {}
-    if y is not None:
-        aliases = {len(args): 0}
-        args.append(y.reshape(-1))
-    out_shape = [jax.ShapeDtypeStruct((n * mem.ld,), out_dtype)]
-    if gated:
-        out_shape += [jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), f32)]
     bn = bs.routed_block_out
-    expand = functools.partial(_routed_expand_kernel, n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16),
-                               cp=_p2(e * r, 16), gc=gc, spec=spec, has_y=y is not None, dtype=x.dtype,
-                               interpret=interpret)
-    outs = pl.pallas_call(
-        expand, grid=(mem.tile_starts(bn)[-1],), out_shape=tuple(out_shape), input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2), interpret=interpret,
-        name="meteora_routed_expand",
-    )(*args)
-    out = outs[0].reshape(n, mem.ld)
+    shrink_kw = dict(n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, bg=bg, chunks=chunks, ablocks=ablocks,
+                     a_layout=a_layout, gate=gated, atomic=atomic, dtype=x.dtype, interpret=interpret)
+    expand_kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16), cp=_p2(e * r, 16), gc=gc, spec=spec,
+                     dtype=x.dtype, interpret=interpret)
+    params = plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2)
+    size = n * (gc + c)
+    head = [x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1)]
+    given = [] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)]
+    tail = [b.reshape(-1), scaling.reshape(-1).astype(f32)] + ([] if y is None else [y.reshape(-1)])
+    out_dtype = x.dtype if y is None else y.dtype
+    routing_shapes = [jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), f32)]
+    tiles = mem.tile_starts(bn)[-1]
+    if bs.routed_one_launch and atomic:  # one launch: expand programs wait for the shrink programs
+        n_shrink = programs * (ablocks + gblocks)
+        args = head + given + tail + [jnp.zeros((size + 1,), f32)]
+        aliases = {len(args) - 1: 1}
+        if y is not None:
+            aliases[len(args) - 2] = 0
+        one = functools.partial(_routed_one_kernel, n_shrink=n_shrink, nblocks=ablocks + gblocks, cnt=size,
+                                has_y=y is not None, shrink_kw=shrink_kw, expand_kw=expand_kw, interpret=interpret)
+        outs = pl.pallas_call(
+            one, grid=(n_shrink + tiles,), input_output_aliases=aliases, compiler_params=params,
+            out_shape=(jax.ShapeDtypeStruct((n * mem.ld,), out_dtype), jax.ShapeDtypeStruct((size + 1,), f32),
+                       *(routing_shapes if gated else [])),
+            interpret=interpret, name="meteora_routed_one",
+        )(*args)
+        out, buf, routing = outs[0].reshape(n, mem.ld), outs[1], outs[2:]
+    else:
+        buf = pl.pallas_call(
+            functools.partial(_routed_shrink_kernel, **shrink_kw), grid=(programs, ablocks + gblocks),
+            out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0} if atomic else {},
+            compiler_params=params, interpret=interpret, name="meteora_routed_shrink",
+        )(*head, *([jnp.zeros((size,), f32)] if atomic else []))
+        args = [buf] + given + tail
+        outs = pl.pallas_call(
+            functools.partial(_routed_expand_kernel, has_y=y is not None, **expand_kw), grid=(tiles,),
+            out_shape=(jax.ShapeDtypeStruct((n * mem.ld,), out_dtype), *(routing_shapes if gated else [])),
+            input_output_aliases={len(args) - 1: 0} if y is not None else {}, compiler_params=params,
+            interpret=interpret, name="meteora_routed_expand",
+        )(*args)
+        out, routing = outs[0].reshape(n, mem.ld), outs[1:]
     if not gated:
         return out
-    return out, buf[:n * gc].reshape(n, gc), outs[1].reshape(n, m * k), outs[2].reshape(n, m * k)
+    return out, buf[:n * gc].reshape(n, gc), routing[0].reshape(n, m * k), routing[1].reshape(n, m * k)
+
+
+def _routed_one_kernel(x_ref, g_ref, a_ref, *refs, n_shrink, nblocks, cnt, has_y, shrink_kw, expand_kw, interpret):
+    """Both halves in one grid: programs [0, n_shrink) are the shrink's (s, cb); after its atomic adds have
+    returned, each adds 1 to a counter (buf[cnt], acquire-release at GPU scope, as every Pallas atomic). The
+    expand programs that follow spin on the counter until all shrink programs are counted, then run as
+    `_routed_expand_kernel`. The shrink programs come first in the grid, so they are scheduled before any
+    spinning program can take their place; all of them fit on the GPU at once at decode sizes."""
+    refs = list(refs)
+    given = expand_kw["spec"] is None
+    e_ref, w_ref = (refs.pop(0), refs.pop(0)) if given else (None, None)
+    b_ref, s_ref = refs.pop(0), refs.pop(0)
+    y_ref = refs.pop(0) if has_y else None
+    refs.pop(0)  # the zeroed buffer, aliased to buf_ref
+    out_ref, buf_ref = refs.pop(0), refs.pop(0)
+    ex_ref, wt_ref = (None, None) if given else refs
+    pid = pl.program_id(0)
+    one = jnp.ones((1,), jnp.float32)
+    at = jnp.full((1,), cnt, jnp.int32)
+
+    def signal(old):  # the sum needs every lane's returned value: all adds of this program are done
+        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
+        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+
+    @pl.when(pid < n_shrink)
+    def _():
+        _shrink_body(x_ref, g_ref, a_ref, buf_ref, lax.div(pid, nblocks), lax.rem(pid, nblocks), signal=signal,
+                     **shrink_kw)
+
+    @pl.when(pid >= n_shrink)
+    def _():
+        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))
+        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
+        tile = pid - n_shrink + (seen < 0).astype(jnp.int32)  # (0: orders the expand after the wait)
+        _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, tile, **expand_kw)
 
 
 def meteora_fused_add(x, y, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,

@@ -33,7 +33,7 @@ class Case:
     dtype: str = "float32"
     routing: str = "random"  # "random" | "unused" (2 experts never picked) | "one" (every token the same experts)
     decode: int = 1  # BlockSizes.decode_max_tokens
-    kernel: str = "matvec"  # BlockSizes.decode_kernel
+    kernel: str = "matvec"  # BlockSizes.decode_kernel, or "one": "split" in one launch (routed_one_launch)
 
     def __str__(self):
         return (f"n{self.n}-d{self.d}-o{self.o}-e{self.e}-r{self.r}-k{self.k}-{self.dtype}-{self.routing}"
@@ -76,7 +76,8 @@ class KernelsBase:
     IMPLS = ("fused",)
 
     def impl(self, name, case):
-        bs = mp.BlockSizes(decode_max_tokens=case.decode, decode_kernel=case.kernel)
+        kernel = "split" if case.kernel == "one" else case.kernel
+        bs = mp.BlockSizes(decode_max_tokens=case.decode, decode_kernel=kernel, routed_one_launch=case.kernel == "one")
         if name == "fused":
             return lambda *args: mp.meteora_fused(*args, block_sizes=bs, interpret=self.INTERPRET)
         if not mt.available():
@@ -138,6 +139,8 @@ class TestKernelsGpu(KernelsBase):
         Case(16, 4096, 1024, 28, 8, 2, "bfloat16", decode=16, kernel="split"),
         Case(5, 14336, 4096, 28, 8, 2, "bfloat16", "unused", decode=8, kernel="split"),
         Case(3, 200, 130, 7, 6, 3, "float32", decode=4, kernel="split"),
+        Case(1, 4096, 4096, 28, 8, 2, "bfloat16", kernel="one"),
+        Case(5, 14336, 4096, 28, 8, 2, "bfloat16", "unused", decode=8, kernel="one"),
     )
 
     @pytest.fixture(autouse=True)
@@ -156,6 +159,7 @@ class TestKernelsInterpret(KernelsBase):
         Case(21, 64, 40, 6, 5, 1, "float32", "one"),
         Case(3, 200, 130, 7, 6, 3, "float32", decode=4, kernel="split"),  # the routed pair with given routing
         Case(16, 96, 40, 28, 8, 2, "bfloat16", "unused", decode=16, kernel="split"),
+        Case(3, 200, 130, 7, 6, 3, "float32", decode=4, kernel="one"),  # the pair in one launch
     )
 
 
@@ -414,14 +418,17 @@ def test_routed_packed_interpret(case):
     check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)))
 
 
-PACKED_BLOCKS = (  # other tilings of the shrink: one D range (plain stores, no zeroed buffer), narrow blocks
+PACKED_BLOCKS = (  # other tilings of the shrink: one D range (plain stores, no zeroed buffer), narrow blocks,
+    # and the pair in one launch
     mp.BlockSizes(routed_splits=1, routed_block_cols=16, routed_block_gate=16),
     mp.BlockSizes(routed_block_in=32, routed_splits=2, routed_block_cols=32, routed_block_gate=16,
                   routed_block_out=32),
+    mp.BlockSizes(routed_block_in=32, routed_one_launch=True),
 )
 
 
-@pytest.mark.parametrize("bs", PACKED_BLOCKS, ids=lambda b: f"splits{b.routed_splits}-cols{b.routed_block_cols}")
+@pytest.mark.parametrize("bs", PACKED_BLOCKS, ids=lambda b: f"splits{b.routed_splits}-cols{b.routed_block_cols}"
+                         f"-one{int(b.routed_one_launch)}")
 @pytest.mark.parametrize("case", PACKED_CPU[:2], ids=str)
 def test_routed_packed_tilings_interpret(case, bs):
     check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)), block_sizes=bs)
@@ -434,10 +441,13 @@ def test_routed_packed_gpu(case):
         pytest.skip("needs a GPU (run on the device machine)")
     seed = int(np.random.default_rng().integers(1 << 30))
     check_routed_packed(case, interpret=False, seed=seed)
-    check_routed_packed(case, interpret=False, seed=seed, block_sizes=PACKED_BLOCKS[0])
+    for bs in (PACKED_BLOCKS[0], mp.BlockSizes(routed_one_launch=True)):
+        for _ in range(3 if bs.routed_one_launch else 1):  # the counter wait: repeated to catch races
+            check_routed_packed(case, interpret=False, seed=seed, block_sizes=bs)
 
 
-@pytest.mark.parametrize("bs", (None, *PACKED_BLOCKS), ids=lambda b: f"splits{b.routed_splits}" if b else "default")
+@pytest.mark.parametrize("bs", (None, *PACKED_BLOCKS, mp.BlockSizes(routed_one_launch=True)),
+                         ids=lambda b: f"splits{b.routed_splits}-one{int(b.routed_one_launch)}" if b else "default")
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
 def test_routed_packed_lowers_to_triton(case, bs):
     """The GPU cases lower through Pallas' Triton backend (no GPU needed to lower): catches kernels that interpret
@@ -447,7 +457,9 @@ def test_routed_packed_lowers_to_triton(case, bs):
                                              routing=case.routing, forced_expert=case.forced, block_sizes=bs,
                                              interpret=False)
     text = jax.jit(fn).trace(x, y, gate, a, b, s).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("meteora_routed_shrink") >= 1 and text.count("meteora_routed_expand") >= 1
+    one = bs is not None and bs.routed_one_launch and mp.routed_tiles(bs, case.n, case.d)[3] > 1
+    names = ("meteora_routed_one",) if one else ("meteora_routed_shrink", "meteora_routed_expand")
+    assert all(name in text for name in names), names
 
 
 def test_routed_packed_bad_args_are_refused():
