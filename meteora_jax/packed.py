@@ -26,7 +26,9 @@ Modes (`pack_projections(model, mode=...)`):
   launches that add into the base output in place (`kernels.meteora_pallas.meteora_routed_packed`), instead of
   two launches per member; longer calls (prefill) run the `dense` math. B is stored as `[E*r, sum(out)]` (member
   j's `[E, r, out_j]` in its own columns: no zeros when every member has experts).
-- `auto` (default): `routed` when the model's strategy is `fused`, else `fold`.
+- `auto` (default): `routed` when the model's strategy is `fused` or JAX runs on a GPU (the fastest packed decoding
+  measured there, experiments/results/generate_bench.md), else `fold` (on a CPU the Pallas kernels run in
+  interpret mode, which is slow).
 A base `Llama` packs too (concatenated kernels only), so benchmarks compare like with like.
 
 Packing is for inference on one device (generation, evaluation): it replaces the original parameters (no
@@ -185,12 +187,13 @@ def is_packed(model: Llama) -> bool:
 def pack_projections(model: Llama, mode: str = "auto") -> Llama:
     """Pack, in place, the target linears of every layer (see the module docstring); returns the model.
     The original linears are removed (their memory is freed once nothing else holds them). `mode`: `fold`,
-    `split`, `routed`, or `auto` (`routed` when the model's strategy is `fused`, else `fold`)."""
+    `split`, `routed`, or `auto` (`routed` when the model's strategy is `fused` or on a GPU, else `fold`)."""
     if is_packed(model):
         raise ValueError("this model is already packed")
     if mode == "auto":
         mcfg = getattr(model, "meteora_config", None)
-        mode = "routed" if mcfg is not None and mcfg.strategy == "fused" else "fold"
+        fused = mcfg is not None and mcfg.strategy == "fused"
+        mode = "routed" if fused or jax.default_backend() == "gpu" else "fold"
     if mode not in MODES:
         raise ValueError(f"packing mode must be auto or one of {MODES}, got {mode!r}")
     for layer in model.layers:

@@ -163,3 +163,17 @@ def test_load_model_pack_and_refusals(tiny_llama3, tmp_path):
         PackedProjection({"x": odd})
     base = Llama(tiny_llama3[0].config, rngs=nnx.Rngs(0))
     assert not is_packed(base)
+
+
+def test_auto_mode_is_routed_with_fused_or_on_a_gpu(monkeypatch):
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, dtype="float32", param_dtype="float32")
+    modes = lambda m: {p.mode for p in packed_projections(m)}
+    for strategy, want in (("dense", {"fold"}), ("fused", {"routed"})):
+        model = MeteoraLlama(cfg, MeteoraConfig(("a", "b", "c"), 2, strategy=strategy), rngs=nnx.Rngs(0))
+        assert modes(pack_projections(model)) == want, strategy
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    model = MeteoraLlama(cfg, MeteoraConfig(("a", "b", "c"), 2, strategy="dense"), rngs=nnx.Rngs(0))
+    assert modes(pack_projections(model)) == {"routed"}
+    with pytest.raises(ValueError, match="packing mode must be auto or one of"):
+        pack_projections(MeteoraLlama(cfg, MeteoraConfig(("a",), 2, top_k=1), rngs=nnx.Rngs(0)), mode="nope")
