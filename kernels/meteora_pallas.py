@@ -31,7 +31,8 @@ All six products are one generic tiled kernel (`_matmul`) parameterised by how e
 Routed pair (`meteora_routed`, what `MeteoraLinear(strategy="fused")` runs for N <= 16 tokens): the gate product,
 top-k routing and adapter term of a MeteoRA linear in two launches, added into the base output in place (see
 the section "routed decode" below); with the routing given, the same pair serves `decode_kernel="split"` and
-`meteora_fused_add`.
+`meteora_fused_add`. `meteora_routed_packed` runs one pair for several linears on the same input (packed q/k/v
+or gate/up, `meteora_jax.packed`).
 
 Model for the file: jax's `jax/experimental/pallas/ops/gpu/attention.py` (block sizes, kernel, jitted wrapper
 with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).
@@ -447,15 +448,22 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
 # ------------------------------------------------------------------- routed decode: gate + adapter term
 # For a few tokens (decode), the MeteoRA linear's gate, routing and adapter term in two launches, added to the
 # base output y in place (inference; the backward recomputes through `routed_reference`):
-#   shrink  programs over D ranges Ds, adding atomically into zeroed f32 buffers:
-#           L += x[:, Ds] @ G[Ds],  P += x[:, Ds] @ a_wide[Ds]
+#   shrink  a grid of (D range Ds, column block): each program adds atomically into one zeroed f32 buffer
+#           L += x[:, Ds] @ G[Ds, block]  or  P += x[:, Ds] @ a_wide[Ds, block]
+#           (with a single D range, `routed_splits=1`, it stores instead and nothing is zeroed)
 #   expand  programs over output tiles: each token's top-k experts and weights from L (as `meteora.route`),
 #           coef [N, E*r]; y[:, tile] += (coef * P) @ b_wide[picked rows, tile].
+# The same pair serves m linears that read the same x (`Members`; `meteora_routed_packed`, packed q/k/v and
+# gate/up): member j owns gate columns [jE, (j+1)E), shrink columns [jEr, (j+1)Er) and its span of y's columns;
+# each expand program looks up its member in a static table of tile ranges.
 # The atomic adds make L and P (so, rarely, a near-tie between experts) vary in the last bits from run to run.
 # (A first version wrote per-program partial sums that every expand program added up in a loop: on the H100 that
 # loop of dependent loads made both kernels 7 to 20 us each.)
-# Rows of b_wide of experts no token picked are never loaded. The expand's first program also writes the
-# logits, experts and weights (the routing the model returns).
+# Rows of b_wide of experts no token picked are never loaded. A member's first expand program also writes its
+# experts and weights (the routing the model returns); the logits are L itself.
+# `routed_one_launch` runs both halves as one grid, the expand programs spinning on a counter until every shrink
+# program has added its part; on the H100 it was no faster than two launches (experiments/results/
+# decode_tune_one.md), so it is off by default.
 
 @dataclasses.dataclass(frozen=True)
 class RouteSpec:
