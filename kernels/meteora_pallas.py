@@ -889,9 +889,9 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
     With `w` [in, ld] (the members' base weights side by side) and y None, the expand launch computes the base
     product x @ w too (one launch fewer; the spans must then cover all ld columns).
     """
+    if (w is None) == (y is None):
+        raise ValueError("meteora_routed_packed: give y (the base output) or w (the base weight), not both")
     if w is not None:
-        if y is not None:
-            raise ValueError("meteora_routed_packed: give y (the base output) or w (the base weight), not both")
         if w.ndim != 2 or w.shape[0] != x.shape[-1] or b.ndim != 2 or w.shape[1] != b.shape[1]:
             raise ValueError(f"meteora_routed_packed: w {w.shape} must be [in={x.shape[-1]}, ld] with b [E*r, ld] "
                              f"(b {b.shape})")

@@ -526,6 +526,8 @@ def test_routed_packed_bad_args_are_refused():
     w = jnp.ones((x.shape[1], y.shape[1]), x.dtype)
     with pytest.raises(ValueError, match=r"give y \(the base output\) or w"):
         mp.meteora_routed_packed(x, y, gate, a, b, s, spans, top_k=2, w=w, interpret=True)
+    with pytest.raises(ValueError, match=r"give y \(the base output\) or w"):
+        mp.meteora_routed_packed(x, None, gate, a, b, s, spans, top_k=2, interpret=True)
     with pytest.raises(ValueError, match=r"w \(64, 79\) must be \[in=64, ld\]"):
         mp.meteora_routed_packed(x, None, gate, a, b, s, spans, top_k=2, w=w[:, :79], interpret=True)
     with pytest.raises(ValueError, match=r"with w, spans .* must cover all 80 columns"):
