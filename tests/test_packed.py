@@ -143,8 +143,10 @@ def test_packed_generate_and_trace_equal_unpacked(tiny_llama3, mode):
 def test_packed_bf16_as_close_to_fp32_as_unpacked():
     """In bf16 both paths round, in different orders: the packed one is about as far from the fp32 result as the
     unpacked one. Over 12 seeds the ratio of mean errors was 0.71 to 1.12, of max errors 0.35 to 1.37; one CI run
-    saw a mean ratio of 1.52 (seed not recorded), so the bound on the mean is 2x. A packing mistake (a wrong or
-    misplaced weight) moves the logits by orders of magnitude more."""
+    saw a mean ratio of 1.52 (seed not recorded), so the bound on the mean is 2x. Over 41 more seeds (2026-11-24)
+    the mean ratio stayed <= 1.24 and the max ratio reached 2.20 and 2.64 (seed 421576498, which failed a CI run
+    at the old 2x bound on the max; the code before this session's changes gives the same 2.64), so the max is
+    bounded at 4x. A packing mistake (a wrong or misplaced weight) moves the logits by orders of magnitude more."""
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16)
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(5)), 4, forced_expert=2)  # forced: no bf16 routing ties
@@ -158,7 +160,7 @@ def test_packed_bf16_as_close_to_fp32_as_unpacked():
     tokens = jax.random.randint(jax.random.key(seed), (2, 11), 0, kw["vocab_size"])
     ref, unpacked, got = (np.asarray(m(tokens).logits) for m in (f32, bf, packed))
     assert np.abs(got - ref).mean() <= 2.0 * np.abs(unpacked - ref).mean(), f"seed {seed}"
-    assert np.abs(got - ref).max() <= 2.0 * np.abs(unpacked - ref).max() + 2e-3, f"seed {seed}"
+    assert np.abs(got - ref).max() <= 4.0 * np.abs(unpacked - ref).max() + 2e-3, f"seed {seed}"
 
 
 def test_load_model_pack_and_refusals(tiny_llama3, tmp_path):
