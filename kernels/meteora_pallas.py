@@ -847,6 +847,17 @@ def _routed_bwd(spec, bs, interpret, res, g):
 routed_apply.defvjp(_routed_fwd, _routed_bwd)
 
 
+def _route_spec(who: str, e_num: int, top_k: int, temperature: float, routing: str,
+                forced_expert: int | None) -> RouteSpec:
+    """The checked RouteSpec of a routed call (`who` names the function in the errors)."""
+    if routing not in ("topk_softmax", "softmax_topk"):
+        raise ValueError(f"{who}: routing must be topk_softmax or softmax_topk, got {routing!r}")
+    k = 1 if forced_expert is not None else top_k
+    if not 1 <= k <= e_num:
+        raise ValueError(f"{who}: top_k must be in 1..{e_num}, got {top_k}")
+    return RouteSpec(k, float(temperature), routing, forced_expert)
+
+
 def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float = 1.0, routing: str = "topk_softmax",
                    forced_expert: int | None = None, block_sizes: BlockSizes | None = None,
                    interpret: bool | None = None):
@@ -863,14 +874,9 @@ def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float 
     if gate.shape != (d, e_num) or y.shape != (n, b.shape[-1]):
         raise ValueError(f"meteora_routed: gate {gate.shape} must be [in={d}, E={e_num}] and y {y.shape} "
                          f"[N={n}, out={b.shape[-1]}]")
-    if routing not in ("topk_softmax", "softmax_topk"):
-        raise ValueError(f"meteora_routed: routing must be topk_softmax or softmax_topk, got {routing!r}")
-    k = 1 if forced_expert is not None else top_k
-    if not 1 <= k <= e_num:
-        raise ValueError(f"meteora_routed: top_k must be in 1..{e_num}, got {top_k}")
+    spec = _route_spec("meteora_routed", e_num, top_k, temperature, routing, forced_expert)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    spec = RouteSpec(k, float(temperature), routing, forced_expert)
     return routed_apply(x, y, gate, a, b, scaling, spec, block_sizes or BlockSizes.get_default(), bool(interpret))
 
 
@@ -917,14 +923,10 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
     gaps = any(o != p for (o, _), p in zip(spans, ends, strict=False))
     if w is not None and (gaps or ends[-1] != ld):
         raise ValueError(f"meteora_routed_packed: with w, spans {spans} must cover all {ld} columns, in order")
-    if routing not in ("topk_softmax", "softmax_topk"):
-        raise ValueError(f"meteora_routed_packed: routing must be topk_softmax or softmax_topk, got {routing!r}")
-    k = 1 if forced_expert is not None else top_k
-    if not 1 <= k <= e_num:
-        raise ValueError(f"meteora_routed_packed: top_k must be in 1..{e_num}, got {top_k}")
+    spec = _route_spec("meteora_routed_packed", e_num, top_k, temperature, routing, forced_expert)
+    k = spec.top_k
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    spec = RouteSpec(k, float(temperature), routing, forced_expert)
     mem = Members(e_num, er, spans, ld)
     out, logits, experts, weights = _routed_forward(x, None if w is not None else y, gate, a, b, scaling, None, None,
                                                     spec, block_sizes or BlockSizes.get_default(), bool(interpret),

@@ -141,9 +141,9 @@ class PackedProjection(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         if self.gate is None or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
-        elif self.mode == "routed" and n <= BlockSizes.get_default().routed_max_tokens:  # decode: two launches for all
+        elif self.mode == "routed" and n <= (bs := BlockSizes.get_default()).routed_max_tokens:  # decode
             whole = len(self.spans) == len(self.sizes)  # every member has experts: the spans cover all columns
-            fuse = BlockSizes.get_default().routed_fuse_base and whole  # the base product in the expand launch
+            fuse = bs.routed_fuse_base and whole  # the base product in the expand launch too
             y, logits, experts, weights = meteora_routed_packed(
                 xf, None if fuse else xf @ kernel, self.gate[...].astype(jnp.float32),
                 self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), self.scaling[...],
