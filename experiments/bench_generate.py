@@ -134,7 +134,8 @@ def jax_part(args, emit, deadline):
     from meteora_jax.packed import pack_projections
     from meteora_jax.strategies import STRATEGIES
 
-    packs = {"packed": "fold", "packed-split": "split", "packed-routed": "routed"}  # variant -> packing mode
+    packs = {"packed": "fold", "packed-split": "split", "packed-routed": "routed",  # variant -> packing mode
+             "packed-extended": "extended"}
     strategies = list(STRATEGIES) + list(packs) if args.strategies == "all" else args.strategies.split(",")
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")

@@ -102,8 +102,9 @@ def main(argv=None):
             model = base_model(meteora)
         elif v == "base-packed":
             model = pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
-        elif v in ("packed", "packed-split", "packed-routed"):
-            mode = {"packed": "fold", "packed-split": "split", "packed-routed": "routed"}[v]
+        elif v in ("packed", "packed-split", "packed-routed", "packed-extended"):
+            mode = {"packed": "fold", "packed-split": "split", "packed-routed": "routed",
+                    "packed-extended": "extended"}[v]
             model = pack_projections(nnx.merge(*nnx.split(meteora)), mode=mode)
         else:
             model = set_routing(meteora, strategy=v)

@@ -1,9 +1,9 @@
 """Tune the routed kernels' block sizes where they run: inside the jitted decode loop of a packed MeteoRA model.
 
-For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the `packed-routed`
-model (`meteora_jax.packed`, mode routed) is recompiled with those defaults and timed as `bench_generate.py`
-times it (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16
-weights), next to the equally packed base model; results in OUT.json and OUT.md, best first per batch.
+For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the packed MeteoRA
+model (`meteora_jax.packed`, `--mode` routed or extended) is recompiled with those defaults and timed as
+`bench_generate.py` times it (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context,
+random bf16 weights), next to the equally packed base model; results in OUT.json and OUT.md, best first per batch.
 
     python experiments/tune_decode.py --shape llama3-8b --batches 1,16 --out experiments/results/decode_tune
     python experiments/tune_decode.py --shape tiny --batches 1 --steps 4 --prompt 4 --out /tmp/t   # smoke (CPU)
@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(SHAPES)}")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--configs", help="JSON list of BlockSizes field dicts (default: the built-in sweep)")
+    p.add_argument("--mode", default="routed", choices=["routed", "extended"], help="packing mode (meteora_jax.packed)")
     p.add_argument("--experts", type=int, default=28)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -80,19 +81,19 @@ def main(argv=None) -> int:
     mcfg = MeteoraConfig(tuple(f"e{i}" for i in range(args.experts)), args.rank, top_k=args.top_k)
     meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
     base = pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
-    model = pack_projections(meteora, mode="routed")
+    model = pack_projections(meteora, mode=args.mode)
     records = []
     meta = {"command": "python experiments/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
             "experts": args.experts, "rank": args.rank, "top_k": args.top_k, "prompt": args.prompt,
-            "steps": args.steps, "date": time.strftime("%Y-%m-%d")}
+            "steps": args.steps, "mode": args.mode, "date": time.strftime("%Y-%m-%d")}
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(",")]:
         sec, _ = _time_decode(base, cfg, batch, args.steps, args, rng)
         records.append({"batch": batch, "variant": "base-packed", "step_ms": 1e3 * sec / (args.steps - 1)})
         print(json.dumps(records[-1]), flush=True)
         for c, bs in zip(configs, blocks, strict=True):
-            rec = {"batch": batch, "variant": "packed-routed", "config": c}
+            rec = {"batch": batch, "variant": f"packed-{args.mode}", "config": c}
             if time.time() - start > args.budget:
                 rec["error"] = "time budget"
             else:
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
 def render_md(meta, records) -> str:
     lines = [f"# Routed-kernel block sizes in the decode loop ({meta['shape']}, {meta['device']})", "",
              f"Command: `{meta['command']}` ({meta['date']}, jax {meta['jax']}). MeteoRA E = {meta['experts']}, "
-             f"r = {meta['rank']}, k = {meta['top_k']} on all seven modules, packed (mode routed); "
+             f"r = {meta['rank']}, k = {meta['top_k']} on all seven modules, "
+             f"packed (mode {meta.get('mode', 'routed')}); "
              f"{meta['prompt']}-token context, {meta['steps']} steps; step / base-packed step.", ""]
     for batch in dict.fromkeys(r["batch"] for r in records):
         rows = [r for r in records if r["batch"] == batch]

@@ -607,8 +607,10 @@ def _routed_expand_kernel(*refs, spec, has_y, base_kw=None, **kw):
 
 
 def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, base=None):
-    """`base` (x_ref, wb_ref, d, bk): compute the base product x @ W[:, tile] here (W [d, ld]) instead of reading y."""
+                 bn, ep, cp, gc, spec, dtype, interpret, base=None, zl=None):
+    """`base` (x_ref, wb_ref, d, bk): compute the base product x @ W[:, tile] here (W [d, ld]) instead of reading y.
+    `zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
+    the logits and P come from its columns, and without y_ref the base output too."""
     given, has_y = spec is None, y_ref is not None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
     c, er = m * e * r, e * r
@@ -624,13 +626,21 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     cols = off + (pid - first_tile) * bn + _iota(bn)
     rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end
 
-    p = _load(buf_ref, n * gc + rows[:, None] * c + j * er + ccols[None, :], rmask[:, None] & cmask[None, :],
-              interpret)
+    if zl is None:  # buf: [N * gc] logits, then [N, c] P
+        lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :]  # noqa: E731
+        p_off = n * gc + rows[:, None] * c + j * er + ccols[None, :]
+    else:  # buf: z [N, ldz]
+        ldz, parts = zl
+        lg_off = lambda part: rows[:, None] * ldz + ld + part * gc + j * e + ecols[None, :]  # noqa: E731
+        p_off = rows[:, None] * ldz + ld + parts * gc + j * er + ccols[None, :]
+    p = _load(buf_ref, p_off, rmask[:, None] & cmask[None, :], interpret)
     if given:  # routing passed in: experts / weights [N, m, k]
         idx = [_load(e_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
         wts = [_load(w_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
     elif spec.forced_expert is None:
-        lg = _load(buf_ref, rows[:, None] * gc + j * e + ecols[None, :], rmask[:, None] & emask[None, :], interpret)
+        lmask = rmask[:, None] & emask[None, :]
+        lg = functools.reduce(jnp.add, [_load(buf_ref, lg_off(t), lmask, interpret)
+                                        for t in range(1 if zl is None else zl[1])])
         idx, wts = _pick(lg, emask[None, :], ecols, spec)
     else:
         idx, wts = [jnp.full((bm,), spec.forced_expert, jnp.int32)], [jnp.ones((bm,), jnp.float32)]
@@ -645,6 +655,8 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     omask2 = rmask[:, None] & omask[None, :]
     yoff = rows[:, None] * ld + cols[None, :]
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
+    if zl is not None and not has_y:  # the base output, f32, from z
+        yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret)
     if base is not None:  # the base product's tile, streamed while B's rows arrive
         x_ref, wb_ref, d, bk = base
 
@@ -656,9 +668,13 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
             return acc + _dot(xv.astype(dtype), wv.astype(dtype))
 
         yv = lax.fori_loop(0, pl.cdiv(d, bk), gemv, jnp.zeros((bm, bn), jnp.float32)).astype(out_ref.dtype)
-    delta = _dot(h, bw.astype(dtype)).astype(out_ref.dtype)
-    if yv is not None:
-        delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
+    delta = _dot(h, bw.astype(dtype))
+    if zl is not None and not has_y:  # f32 base + f32 delta, rounded once
+        delta = (yv + delta).astype(out_ref.dtype)
+    else:
+        delta = delta.astype(out_ref.dtype)
+        if yv is not None:
+            delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
     _store(out_ref, yoff, delta, omask2, interpret)
     if not given:  # the routing of member j, once (its first program)
         first = pid == first_tile
@@ -916,13 +932,7 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
         raise ValueError(f"meteora_routed_packed: inconsistent shapes x {x.shape}, y {y.shape}, gate {gate.shape}, "
                          f"a {a.shape}, b {b.shape}, scaling {scaling.shape} (want gate [{d}, m*E], a [{d}, m*E*r], "
                          f"b [E*r, {ld}], scaling [m, E]) for {len(spans)} spans")
-    ends = [0] + [o + s for o, s in spans]
-    if any(s < 1 or o < prev for (o, s), prev in zip(spans, ends, strict=False)) or ends[-1] > ld:
-        raise ValueError(f"meteora_routed_packed: spans {spans} must be non-empty, ordered, disjoint column ranges "
-                         f"of y's {ld} columns")
-    gaps = any(o != p for (o, _), p in zip(spans, ends, strict=False))
-    if w is not None and (gaps or ends[-1] != ld):
-        raise ValueError(f"meteora_routed_packed: with w, spans {spans} must cover all {ld} columns, in order")
+    _check_spans("meteora_routed_packed", spans, ld, "with w" if w is not None else None)
     spec = _route_spec("meteora_routed_packed", e_num, top_k, temperature, routing, forced_expert)
     k = spec.top_k
     if interpret is None:
@@ -932,6 +942,70 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
                                                     spec, block_sizes or BlockSizes.get_default(), bool(interpret),
                                                     mem, w)
     return out, logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
+
+
+def _check_spans(who: str, spans, ld: int, cover: str | None) -> None:
+    """Spans must be non-empty, ordered, disjoint column ranges of ld; with `cover` (the reason), all of them."""
+    ends = [0] + [o + s for o, s in spans]
+    if any(s < 1 or o < prev for (o, s), prev in zip(spans, ends, strict=False)) or ends[-1] > ld:
+        raise ValueError(f"{who}: spans {spans} must be non-empty, ordered, disjoint column ranges of y's {ld} columns")
+    gaps = any(o != p for (o, _), p in zip(spans, ends, strict=False))
+    if cover is not None and (gaps or ends[-1] != ld):
+        raise ValueError(f"{who}: {cover}, spans {spans} must cover all {ld} columns, in order")
+
+
+def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: int, temperature: float = 1.0,
+                          routing: str = "topk_softmax", forced_expert: int | None = None, y=None, out_dtype=None,
+                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """The routed expand alone, for packed members whose base product, gate logits and shrink came from one
+    product (`meteora_jax.packed`, mode "extended"): z = x @ [W | G_1 .. G_parts | A | padding] in f32, [N, ldz]
+    with ldz = ld + parts*m*E + m*E*r plus padding columns (ignored; aligned rows make the product faster),
+    where W [in, ld] are the members' base weights side by side, each G_t [in, m*E] holds the gates (their logits
+    are the sum over t: an f32 gate as bf16 hi + lo parts) and A [in, m*E*r] the shrinks, laid out as in
+    `meteora_routed_packed`. One launch routes every member's tokens from its logits
+    and writes y = base + delta (f32, rounded once to `out_dtype`, default b's dtype). b [E*r, ld] and scaling
+    [m, E] as in `meteora_routed_packed`. The spans must cover all ld columns, unless `y` [N, ld] (the base output;
+    its buffer is reused) is given: then its columns outside every span stay as they are, and z's W part is not
+    read. Forward only. Returns (y, logits [N, m, E] f32, experts [N, m, k] int32, weights [N, m, k] f32)."""
+    who = "meteora_routed_expand"
+    if z.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
+        raise ValueError(f"{who}: expected z [N, ldz], b [E*r, ld], scaling [m, E]; got z {z.shape}, b {b.shape}, "
+                         f"scaling {scaling.shape}")
+    if z.dtype != jnp.float32:
+        raise ValueError(f"{who}: z must be float32 (the product's f32 result), got {z.dtype}")
+    n, ldz = z.shape
+    m, e_num = scaling.shape
+    er, ld = b.shape
+    spans = tuple((int(o), int(s)) for o, s in spans)
+    need = ld + gate_parts * m * e_num + m * er
+    if gate_parts < 1 or e_num < 1 or er % e_num or len(spans) != m or not need <= ldz < need + 1024:
+        raise ValueError(f"{who}: z {z.shape} must be [N, ld + gate_parts*m*E + m*E*r (+ under 1024 columns of "
+                         f"padding)] = [N, {ld} + {gate_parts}*{m}*{e_num} + {m}*{er}] for b {b.shape}, scaling "
+                         f"{scaling.shape}, {len(spans)} spans and gate_parts={gate_parts}")
+    if y is not None and y.shape != (n, ld):
+        raise ValueError(f"{who}: y {y.shape} must be [N={n}, ld={ld}]")
+    _check_spans(who, spans, ld, None if y is not None else "without y")
+    spec = _route_spec(who, e_num, top_k, temperature, routing, forced_expert)
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    bs = block_sizes or BlockSizes.get_default()
+    mem, k, gc = Members(e_num, er // e_num, spans, ld), spec.top_k, m * e_num
+    bm, bn = _p2(n, 16), bs.routed_block_out
+    out_dtype = y.dtype if y is not None else (out_dtype or b.dtype)
+    kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec, dtype=b.dtype,
+              interpret=bool(interpret), zl=(ldz, gate_parts))
+    args = [z.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32)]
+    args += [] if y is None else [y.reshape(-1)]
+    out, experts, weights = pl.pallas_call(
+        functools.partial(_routed_expand_kernel, has_y=y is not None, **kw), grid=(mem.tile_starts(bn)[-1],),
+        out_shape=(jax.ShapeDtypeStruct((n * ld,), out_dtype), jax.ShapeDtypeStruct((n * m * k,), jnp.int32),
+                   jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
+        input_output_aliases={3: 0} if y is not None else {},
+        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
+        interpret=bool(interpret), name="meteora_routed_expand_z",
+    )(*args)
+    logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
+    return out.reshape(n, ld), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 
 
 def check_args(x, a, b, scaling, experts, weights):

@@ -28,9 +28,15 @@ Modes (`pack_projections(model, mode=...)`):
   expand launch computes the base product too, for groups whose members all have experts (not yet timed). B is
   stored as `[E*r, sum(out)]` (member j's `[E, r, out_j]` in its own columns: no zeros when every member has
   experts).
-- `auto` (default): `routed` when the model's strategy is `fused` or JAX runs on a GPU (the fastest packed decoding
-  measured there, experiments/results/generate_bench.md), else `fold` (on a CPU the Pallas kernels run in
-  interpret mode, which is slow).
+- `extended`: one product `z = x @ [W_1 ... W_m | G hi | G lo | A_1 ... A_m | zero padding]` with an f32 result
+  gives the base outputs, the gate logits (the f32 gate as two bf16 column blocks, hi + lo, whose products sum to
+  it; one block in float32) and every shrink; for a few tokens one Pallas launch then routes every member and
+  writes y = base + delta (`kernels.meteora_pallas.meteora_routed_expand`), so a group costs one XLA product and
+  one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
+  product, like the base weight's.
+- `auto` (default): `extended` when the model's strategy is `fused` or JAX runs on a GPU (the fastest packed
+  decoding measured there, experiments/results/generate_bench.md), else `fold` (on a CPU the Pallas kernels run
+  in interpret mode, which is slow).
 A base `Llama` packs too (concatenated kernels only), so benchmarks compare like with like.
 
 Packing is for inference on one device (generation, evaluation): it replaces the original parameters (no
@@ -46,10 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.meteora_pallas import BlockSizes, meteora_routed_packed
+from kernels.meteora_pallas import BlockSizes, meteora_routed_expand, meteora_routed_packed
 from meteora_jax.llama import Linear, Llama
 
-MODES = ("fold", "split", "routed")
+MODES = ("fold", "split", "routed", "extended")
+EXTENDED_ALIGN = 128  # mode extended: the product's columns are padded to a multiple of this
 GROUPS = (("self_attn", "packed_qkv", ("q_proj", "k_proj", "v_proj")), ("self_attn", "packed_o", ("o_proj",)),
           ("mlp", "packed_gate_up", ("gate_proj", "up_proj")), ("mlp", "packed_down", ("down_proj",)))
 
@@ -95,14 +102,23 @@ class PackedProjection(nnx.Module):
             [jnp.transpose(lins[i].lora_a[...], (1, 0, 2)).reshape(self.d_in, e * r) for i in experts], axis=1))
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.spans = tuple((int(offsets[i]), int(self.sizes[i])) for i in experts)  # expert members' columns
-        if mode == "routed":  # W as is; every member's B side by side, [E*r, sum(out)]
+        self.gate_parts = 0
+        if mode in ("routed", "extended"):  # every member's B side by side, [E*r, sum(out)]
             b_side = jnp.zeros((e * r, w.shape[1]), w.dtype)
             for i in experts:
                 b_side = b_side.at[:, offsets[i]:offsets[i + 1]].set(lins[i].lora_b[...].reshape(e * r, -1)
                                                                      .astype(w.dtype))
-            self.kernel = nnx.Param(w)
             self.lora_b = ExpertParam(b_side)
-        else:
+            self.kernel = nnx.Param(w)
+        if mode == "extended":  # one product gives the base output, the gate logits and the shrink
+            parts = gate_parts(self.gate[...].astype(jnp.float32), self.dtype)
+            self.gate_parts = len(parts)
+            cols = [w, *[g.astype(w.dtype) for g in parts], self.lora_a[...].astype(w.dtype)]
+            pad = -sum(c.shape[1] for c in cols) % EXTENDED_ALIGN
+            cols.append(jnp.zeros((self.d_in, pad), w.dtype))  # rows of whole 128-column blocks: a faster product
+            self.kernel = nnx.Param(jnp.concatenate(cols, axis=1))
+            self.gate = self.lora_a = None  # inside the kernel now
+        elif mode != "routed":
             expand = jnp.zeros((len(experts) * e * r, w.shape[1]), w.dtype)  # blockdiag(B_1, ..., B_m)
             for j, i in enumerate(experts):
                 b = lins[i].lora_b[...].reshape(e * r, -1).astype(w.dtype)
@@ -127,7 +143,7 @@ class PackedProjection(nnx.Module):
         self.forced_expert, self.adapters_enabled = lin.forced_expert, lin.adapters_enabled
 
     def set_routing(self, config) -> None:
-        if self.gate is not None:
+        if self.expert_members:
             self.set_routing_from(config)
 
     def __call__(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, Any]]:
@@ -139,7 +155,9 @@ class PackedProjection(nnx.Module):
         n = xf.shape[0]
         routings: dict[str, Any] = {name: None for name in self.names}
         kernel = self.kernel[...].astype(self.dtype)
-        if self.gate is None or not self.adapters_enabled:
+        if self.mode == "extended" and self.expert_members:
+            y = self._extended(xf, kernel, routings, lead)
+        elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
         elif self.mode == "routed" and n <= (bs := BlockSizes.get_default()).routed_max_tokens:  # decode
             whole = len(self.spans) == len(self.sizes)  # every member has experts: the spans cover all columns
@@ -179,6 +197,54 @@ class PackedProjection(nnx.Module):
         return [o.reshape(*lead, -1) for o in outs], routings
 
 
+    def _extended(self, xf, kernel, routings, lead) -> jax.Array:
+        """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
+        launch; a few tokens) or the dense math on z's columns (prefill)."""
+        from meteora_jax.meteora import route
+        from meteora_jax.strategies import combine_weights
+
+        n, ld = xf.shape[0], sum(self.sizes)
+        z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
+        if not self.adapters_enabled:
+            return z[:, :ld].astype(self.dtype)
+        m, e, r = len(self.expert_members), self.num_experts, self.rank
+        b_side = self.lora_b[...].astype(self.dtype)
+        if n <= BlockSizes.get_default().routed_max_tokens:  # decode: one launch
+            whole = len(self.spans) == len(self.sizes)
+            y, logits, experts, weights = meteora_routed_expand(
+                z, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
+                temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
+                y=None if whole else z[:, :ld].astype(self.dtype), out_dtype=self.dtype)
+            self._record(routings, logits, experts, weights, lead)
+            return y
+        g0 = ld + self.gate_parts * m * e
+        logits = sum(z[:, ld + t * m * e:ld + (t + 1) * m * e] for t in range(self.gate_parts)).reshape(n, m, e)
+        if self.forced_expert is None:
+            weights, experts = route(logits, self.top_k, self.temperature, self.routing)  # [N, m, k]
+        else:
+            experts = jnp.full((n, m, 1), self.forced_expert, jnp.int32)
+            weights = jnp.ones((n, m, 1), jnp.float32)
+        k = experts.shape[-1]
+        coef = combine_weights(experts.reshape(n * m, k), weights.reshape(n * m, k), jnp.ones((e,)), e)
+        coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)
+        h = (z[:, g0:g0 + m * e * r].reshape(n, m, e, r) * coef[..., None]).reshape(n, m * e * r).astype(self.dtype)
+        y = z[:, :ld]
+        for j, (off, size) in enumerate(self.spans):
+            y = y.at[:, off:off + size].add(jnp.dot(h[:, j * e * r:(j + 1) * e * r], b_side[:, off:off + size],
+                                                    preferred_element_type=jnp.float32))
+        self._record(routings, logits, experts, weights, lead)
+        return y.astype(self.dtype)
+
+
+def gate_parts(gate: jax.Array, dtype) -> list[jax.Array]:
+    """An f32 gate [in, G] as column blocks in `dtype` whose products with x sum to x @ gate: the gate itself in
+    float32; else its rounding and the rounding of the rest (hi + lo: about 16 bits of the gate's 24)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return [gate.astype(jnp.float32)]
+    hi = gate.astype(dtype)
+    return [hi, (gate - hi.astype(jnp.float32)).astype(dtype)]
+
+
 def packed_projections(model: Llama) -> list[PackedProjection]:
     return [p for layer in model.layers for part, attr, _ in GROUPS
             if (p := getattr(getattr(layer, part), attr, None)) is not None]
@@ -192,13 +258,14 @@ def is_packed(model: Llama) -> bool:
 def pack_projections(model: Llama, mode: str = "auto") -> Llama:
     """Pack, in place, the target linears of every layer (see the module docstring); returns the model.
     The original linears are removed (their memory is freed once nothing else holds them). `mode`: `fold`,
-    `split`, `routed`, or `auto` (`routed` when the model's strategy is `fused` or on a GPU, else `fold`)."""
+    `split`, `routed`, `extended`, or `auto` (`extended` when the model's strategy is `fused` or on a GPU, else
+    `fold`)."""
     if is_packed(model):
         raise ValueError("this model is already packed")
     if mode == "auto":
         mcfg = getattr(model, "meteora_config", None)
         fused = mcfg is not None and mcfg.strategy == "fused"
-        mode = "routed" if fused or jax.default_backend() == "gpu" else "fold"
+        mode = "extended" if fused or jax.default_backend() == "gpu" else "fold"
     if mode not in MODES:
         raise ValueError(f"packing mode must be auto or one of {MODES}, got {mode!r}")
     for layer in model.layers:

@@ -397,18 +397,47 @@ def check_routed_packed_base(c: PCase, interpret: bool, seed: int = 0, block_siz
     assert np.abs(delta).max() > 1e-3 * np.abs(np.asarray(yb)).max()  # the adapter term is not negligible here
 
 
-def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=None):
-    """The packed pair against, per member, `meteora.route` and the gathering float32 reference on that member's
+def gate_parts(gate, dtype):
+    """An f32 gate as column blocks of `dtype` whose products sum to its product: [gate] in float32, else the
+    rounded gate and the rounded remainder (hi + lo)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return [gate]
+    hi = gate.astype(dtype)
+    return [hi, (gate - hi.astype(jnp.float32)).astype(dtype)]
+
+
+def routed_expand_z(c: PCase, x, gate, a, seed: int):
+    """z = x @ [W | gate parts | A] in float32 for `meteora_routed_expand`, with a random base weight W, and 13
+    columns of padding (large values, which must be ignored)."""
+    rng = np.random.default_rng(seed + 7)
+    w = jnp.asarray(rng.standard_normal((c.d, c.ld)) / c.d ** 0.5, x.dtype)
+    parts = gate_parts(gate, x.dtype)
+    z = jnp.dot(x, jnp.concatenate([w, *parts, a], axis=1), preferred_element_type=jnp.float32,
+                precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([z, jnp.asarray(1e3 * rng.standard_normal((c.n, 13)), jnp.float32)], axis=1), len(parts)
+
+
+def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=None, via: str = "pair"):
+    """The packed pair (`via` "pair"), or the expand alone from z = x @ [W | G | A] ("z"; with y when the spans
+    leave columns out), against, per member, `meteora.route` and the gathering float32 reference on that member's
     slices: experts equal; logits, weights and y + delta close; columns outside every span unchanged."""
     from meteora_jax.meteora import route
 
     x, y, gate, a, b, s = packed_inputs(c, seed)
     m, e, r = len(c.spans), c.e, c.r
-    out, logits, experts, weights = mp.meteora_routed_packed(
-        x, y, gate, a, b, s, c.spans, top_k=c.k, temperature=c.temperature, routing=c.routing,
-        forced_expert=c.forced, block_sizes=block_sizes, interpret=interpret)
+    kw = dict(top_k=c.k, temperature=c.temperature, routing=c.routing, forced_expert=c.forced,
+              block_sizes=block_sizes, interpret=interpret)
+    if via == "pair":
+        out, logits, experts, weights = mp.meteora_routed_packed(x, y, gate, a, b, s, c.spans, **kw)
+    else:
+        z, parts = routed_expand_z(c, x, gate, a, seed)
+        whole = sum(size for _, size in c.spans) == c.ld
+        if whole:  # the base output is z's first ld columns (f32); y is then that
+            y = z[:, :c.ld]
+        out, logits, experts, weights = mp.meteora_routed_expand(z, b, s, c.spans, gate_parts=parts,
+                                                                 y=None if whole else y, **kw)
     k = 1 if c.forced is not None else c.k
-    assert out.shape == y.shape and out.dtype == y.dtype
+    assert out.shape == y.shape and out.dtype == x.dtype
     assert logits.shape == (c.n, m, e) and experts.shape == weights.shape == (c.n, m, k)
     want = np.asarray(y, np.float32).copy()
     for j, (off, size) in enumerate(c.spans):
@@ -452,6 +481,36 @@ PACKED_BLOCKS = (  # other tilings of the shrink: one D range (plain stores, no 
 @pytest.mark.parametrize("case", PACKED_CPU[:2], ids=str)
 def test_routed_packed_tilings_interpret(case, bs):
     check_routed_packed(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)), block_sizes=bs)
+
+
+@pytest.mark.parametrize("case", PACKED_CPU, ids=str)
+def test_routed_expand_interpret(case):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    check_routed_packed(case, interpret=True, seed=seed, via="z")
+    check_routed_packed(case, interpret=True, seed=seed, via="z", block_sizes=mp.BlockSizes(routed_block_out=16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PACKED_GPU, ids=str)
+def test_routed_expand_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_routed_packed(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)), via="z")
+
+
+@pytest.mark.parametrize("case", PACKED_GPU, ids=str)
+def test_routed_expand_lowers_to_triton(case):
+    x, y, gate, a, b, s = packed_inputs(case, 0, abstract=True)
+    parts = 1 if case.dtype == "float32" else 2
+    m = len(case.spans)
+    z = jax.ShapeDtypeStruct((case.n, case.ld + (parts + case.r) * m * case.e + 13), jnp.float32)
+    whole = sum(size for _, size in case.spans) == case.ld
+    fn = lambda z, b, s, y: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=parts, top_k=case.k,
+                                                     temperature=case.temperature, routing=case.routing,
+                                                     forced_expert=case.forced, y=None if whole else y,
+                                                     interpret=False)
+    text = jax.jit(fn).trace(z, b, s, y).lower(lowering_platforms=("cuda",)).as_text()
+    assert "meteora_routed_expand_z" in text
 
 
 WHOLE_CPU = [c for c in PACKED_CPU if sum(size for _, size in c.spans) == c.ld]
