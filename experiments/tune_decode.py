@@ -36,9 +36,6 @@ CONFIGS = (
     {"routed_splits": 8, "routed_block_cols": 64, "routed_block_gate": 32},
     {"routed_splits": 1, "routed_block_in": 128, "routed_block_cols": 32, "routed_block_gate": 16},
     {"routed_splits": 1, "routed_block_in": 256, "routed_block_cols": 16, "routed_block_gate": 16},
-    {"routed_fuse_base": True},
-    {"routed_fuse_base": True, "routed_base_block_out": 64},
-    {"routed_fuse_base": True, "routed_base_block_out": 16, "routed_base_block_in": 512},
 )
 
 

@@ -82,9 +82,6 @@ class BlockSizes:
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
-    routed_fuse_base: bool = False  # packed routed decoding: the expand launch also computes the base product
-    routed_base_block_out: int = 32  # routed expand with the base product in-kernel: output columns per program
-    routed_base_block_in: int = 256  # ... and D rows per step of its base product
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -464,9 +461,9 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
 # loop of dependent loads made both kernels 7 to 20 us each.)
 # Rows of b_wide of experts no token picked are never loaded. A member's first expand program also writes its
 # experts and weights (the routing the model returns); the logits are L itself.
-# `routed_fuse_base` (packed groups whose spans cover every column; `w=` of `meteora_routed_packed`): the expand
-# programs also compute their tile of the base product x @ W (narrower tiles, `routed_base_block_*`), so the base
-# GEMV is not a separate launch. Tested (interpret mode, Triton lowering) but not yet timed on a GPU: off.
+# (Expand programs that also computed their tile of the base product x @ W, a Pallas GEMV, made the H100's
+# Llama-3-8B decode step slower, 8.8 to 14.6 ms against 7.5: removed. `meteora_routed_expand` instead takes the
+# base output, the logits and P from one XLA product x @ [W | G | A], packed mode "extended".)
 # `routed_one_launch` runs both halves as one grid, the expand programs spinning on a counter until every shrink
 # program has added its part; on the H100 it was no faster than two launches (experiments/results/
 # decode_tune_one.md), so it is off by default.
@@ -588,7 +585,7 @@ def _pick(logits, valid, ecols, spec: RouteSpec):
     return idx, [u / tot for u in ex]
 
 
-def _routed_expand_kernel(*refs, spec, has_y, base_kw=None, **kw):
+def _routed_expand_kernel(*refs, spec, has_y, **kw):
     """Program i serves output columns of one member j: routing of its tokens from its logits (or given), coef,
     y[:, tile] += (coef * P_j) @ B[picked rows, tile]. A member's first program writes its experts and weights."""
     refs = list(refs)
@@ -597,19 +594,15 @@ def _routed_expand_kernel(*refs, spec, has_y, base_kw=None, **kw):
     e_ref, w_ref = (refs.pop(0), refs.pop(0)) if given else (None, None)
     b_ref, s_ref = refs.pop(0), refs.pop(0)
     y_ref = refs.pop(0) if has_y else None
-    base = None
-    if base_kw is not None:  # x and the base weight, for the base product in-kernel
-        base = (refs.pop(0), refs.pop(0), base_kw["d"], base_kw["bk"])
     out_ref = refs.pop(0)
     ex_ref, wt_ref = (None, None) if given else refs
     _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pl.program_id(0), spec=spec,
-                 base=base, **kw)
+                 **kw)
 
 
 def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, base=None, zl=None):
-    """`base` (x_ref, wb_ref, d, bk): compute the base product x @ W[:, tile] here (W [d, ld]) instead of reading y.
-    `zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
+                 bn, ep, cp, gc, spec, dtype, interpret, zl=None):
+    """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
     the logits and P come from its columns, and without y_ref the base output too."""
     given, has_y = spec is None, y_ref is not None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
@@ -657,17 +650,6 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
     if zl is not None and not has_y:  # the base output, f32, from z
         yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret)
-    if base is not None:  # the base product's tile, streamed while B's rows arrive
-        x_ref, wb_ref, d, bk = base
-
-        def gemv(t, acc):
-            dd = t * bk + _iota(bk)
-            dmask = dd < d
-            xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
-            wv = _load(wb_ref, dd[:, None] * ld + cols[None, :], dmask[:, None] & omask[None, :], interpret)
-            return acc + _dot(xv.astype(dtype), wv.astype(dtype))
-
-        yv = lax.fori_loop(0, pl.cdiv(d, bk), gemv, jnp.zeros((bm, bn), jnp.float32)).astype(out_ref.dtype)
     delta = _dot(h, bw.astype(dtype))
     if zl is not None and not has_y:  # f32 base + f32 delta, rounded once
         delta = (yv + delta).astype(out_ref.dtype)
@@ -693,12 +675,11 @@ def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
 
 
 def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec | None, bs: BlockSizes,
-                    interpret: bool, mem: Members | None = None, w=None):
+                    interpret: bool, mem: Members | None = None):
     """The two launches. One member (`mem` None): a [E, D, R], b [E, R, O], scaling [E], experts/weights [N, k].
     Packed members (`mem` given): a [D, m*E*R], b [E*R, ld], scaling [m, E]. `spec` None: the routing is given;
     else the gate [D, m*E] picks (or forces) it. Returns y + delta (or delta when y is None; one member only),
-    and with a gate (logits [N, m*E], experts [N, m*k], weights [N, m*k]). `w` [D, ld] (y None; spans covering
-    all ld columns): the expand computes the base product x @ w itself (`routed_base_block_*` tiles)."""
+    and with a gate (logits [N, m*E], experts [N, m*k], weights [N, m*k])."""
     n, d = x.shape
     if mem is None:
         e, _, r = a.shape
@@ -731,14 +712,7 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     out_dtype = x.dtype if y is None else y.dtype
     routing_shapes = [jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), f32)]
     tiles = mem.tile_starts(bn)[-1]
-    base_kw = None
-    if w is not None:  # the expand computes the base product: narrower tiles, for more programs
-        bn = bs.routed_base_block_out
-        tiles = mem.tile_starts(bn)[-1]
-        expand_kw["bn"] = bn
-        base_kw = dict(d=d, bk=bs.routed_base_block_in)
-        tail = tail + [x.reshape(-1), w.reshape(-1)]
-    if bs.routed_one_launch and atomic and w is None:  # one launch: expand programs wait for the shrink programs
+    if bs.routed_one_launch and atomic:  # one launch: expand programs wait for the shrink programs
         n_shrink = programs * (ablocks + gblocks)
         args = head + given + tail + [jnp.zeros((size + 1,), f32)]
         aliases = {len(args) - 1: 1}
@@ -761,7 +735,7 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
         )(*head, *([jnp.zeros((size,), f32)] if atomic else []))
         args = [buf] + given + tail
         outs = pl.pallas_call(
-            functools.partial(_routed_expand_kernel, has_y=y is not None, base_kw=base_kw, **expand_kw),
+            functools.partial(_routed_expand_kernel, has_y=y is not None, **expand_kw),
             grid=(tiles,),
             out_shape=(jax.ShapeDtypeStruct((n * mem.ld,), out_dtype), *(routing_shapes if gated else [])),
             input_output_aliases={len(given) + 3: 0} if y is not None else {}, compiler_params=params,
@@ -898,7 +872,7 @@ def meteora_routed(x, y, gate, a, b, scaling, *, top_k: int, temperature: float 
 
 def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, temperature: float = 1.0,
                           routing: str = "topk_softmax", forced_expert: int | None = None,
-                          block_sizes: BlockSizes | None = None, interpret: bool | None = None, w=None):
+                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
     """`meteora_routed` for m MeteoRA linears that read the same x, packed (`meteora_jax.packed`, mode "routed"):
     one shrink launch for all m gates and shrinks, one expand launch for all m outputs. Forward only (inference).
 
@@ -907,17 +881,7 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
     [E, r, size_j] as [E*r, size_j]) in the columns `spans[j] = (offset, size_j)`, as in y (columns outside every
     span are left as they are); scaling [m, E]. Returns (y + delta, logits [N, m, E] f32, experts [N, m, k]
     int32, weights [N, m, k] f32).
-
-    With `w` [in, ld] (the members' base weights side by side) and y None, the expand launch computes the base
-    product x @ w too (one launch fewer; the spans must then cover all ld columns).
     """
-    if (w is None) == (y is None):
-        raise ValueError("meteora_routed_packed: give y (the base output) or w (the base weight), not both")
-    if w is not None:
-        if w.ndim != 2 or w.shape[0] != x.shape[-1] or b.ndim != 2 or w.shape[1] != b.shape[1]:
-            raise ValueError(f"meteora_routed_packed: w {w.shape} must be [in={x.shape[-1]}, ld] with b [E*r, ld] "
-                             f"(b {b.shape})")
-        y = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)  # for the checks below
     if x.ndim != 2 or y.ndim != 2 or gate.ndim != 2 or a.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
         raise ValueError("meteora_routed_packed: expected x [N, in], y [N, ld], gate [in, m*E], a [in, m*E*r], "
                          f"b [E*r, ld], scaling [m, E]; got x {x.shape}, y {y.shape}, gate {gate.shape}, "
@@ -932,15 +896,14 @@ def meteora_routed_packed(x, y, gate, a, b, scaling, spans, *, top_k: int, tempe
         raise ValueError(f"meteora_routed_packed: inconsistent shapes x {x.shape}, y {y.shape}, gate {gate.shape}, "
                          f"a {a.shape}, b {b.shape}, scaling {scaling.shape} (want gate [{d}, m*E], a [{d}, m*E*r], "
                          f"b [E*r, {ld}], scaling [m, E]) for {len(spans)} spans")
-    _check_spans("meteora_routed_packed", spans, ld, "with w" if w is not None else None)
+    _check_spans("meteora_routed_packed", spans, ld, None)
     spec = _route_spec("meteora_routed_packed", e_num, top_k, temperature, routing, forced_expert)
     k = spec.top_k
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     mem = Members(e_num, er, spans, ld)
-    out, logits, experts, weights = _routed_forward(x, None if w is not None else y, gate, a, b, scaling, None, None,
-                                                    spec, block_sizes or BlockSizes.get_default(), bool(interpret),
-                                                    mem, w)
+    out, logits, experts, weights = _routed_forward(x, y, gate, a, b, scaling, None, None, spec,
+                                                    block_sizes or BlockSizes.get_default(), bool(interpret), mem)
     return out, logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 
 

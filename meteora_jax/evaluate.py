@@ -365,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--routing", choices=["topk_softmax", "softmax_topk"])
     r.add_argument("--strategy", help="adapter-term strategy (loop, gather, dense, ...)")
     r.add_argument("--pack", action="store_true", help="pack the projections for inference (meteora_jax.packed: "
-                   "one product per q/k/v, o, gate/up, down; on a GPU or with --strategy fused, decoding runs each "
-                   "group's gates, routing and adapters in two Pallas kernels)")
+                   "one product per q/k/v, o, gate/up, down; on a GPU or with --strategy fused, that product also "
+                   "gives the gate logits and shrinks, and each group's routing and adapters run in one Pallas "
+                   "kernel)")
     r.add_argument("--forced-expert", help="route every token to this expert (name or index): one LoRA, as PEFT")
     r.add_argument("--oracle", action="store_true", help="answer each task with the expert named like it forced")
     r.add_argument("--no-adapters", action="store_true", help="adapters off: exactly the base model")

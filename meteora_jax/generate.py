@@ -457,9 +457,10 @@ def build_parser():
     r.add_argument("--strategy", help="adapter-term strategy: loop, gather, dense, or a registered kernel (fused: "
                    "the fastest batch-1 decode on an H100, experiments/results/generate_bench.md)")
     r.add_argument("--pack", action="store_true", help="pack q/k/v, o, gate/up and down into one product each "
-                   "(meteora_jax.packed; speeds up the base model). On a GPU, or with --strategy fused, decoding then "
-                   "runs every group's gates, routing and adapters in two Pallas kernels (the fastest MeteoRA "
-                   "decoding measured on an H100); on a CPU otherwise, the adapters are folded into the base product")
+                   "(meteora_jax.packed; speeds up the base model). On a GPU, or with --strategy fused, a group's "
+                   "base outputs, gate logits and shrinks are then one product and its routing and adapters one "
+                   "Pallas kernel (the fastest MeteoRA decoding measured on an H100); on a CPU otherwise, the "
+                   "adapters are folded into the base product")
     r.add_argument("--routing-top-k", type=int, help="experts per token (k)")
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
     r.add_argument("--expert", help="force every token to this expert (name or index), weight 1")

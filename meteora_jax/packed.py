@@ -24,10 +24,8 @@ Modes (`pack_projections(model, mode=...)`):
 - `routed`: the base product `x @ [W_1 | ... | W_m]`, then, for calls of at most
   `BlockSizes.routed_max_tokens` tokens (decoding), every member's gate, routing and adapter term in two Pallas
   launches that add into the base output in place (`kernels.meteora_pallas.meteora_routed_packed`), instead of
-  two launches per member; longer calls (prefill) run the `dense` math. With `BlockSizes.routed_fuse_base` the
-  expand launch computes the base product too, for groups whose members all have experts (not yet timed). B is
-  stored as `[E*r, sum(out)]` (member j's `[E, r, out_j]` in its own columns: no zeros when every member has
-  experts).
+  two launches per member; longer calls (prefill) run the `dense` math. B is stored as `[E*r, sum(out)]`
+  (member j's `[E, r, out_j]` in its own columns: no zeros when every member has experts).
 - `extended`: one product `z = x @ [W_1 ... W_m | G hi | G lo | A_1 ... A_m | zero padding]` with an f32 result
   gives the base outputs, the gate logits (the f32 gate as two bf16 column blocks, hi + lo, whose products sum to
   it; one block in float32) and every shrink; for a few tokens one Pallas launch then routes every member and
@@ -159,14 +157,11 @@ class PackedProjection(nnx.Module):
             y = self._extended(xf, kernel, routings, lead)
         elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
-        elif self.mode == "routed" and n <= (bs := BlockSizes.get_default()).routed_max_tokens:  # decode
-            whole = len(self.spans) == len(self.sizes)  # every member has experts: the spans cover all columns
-            fuse = bs.routed_fuse_base and whole  # the base product in the expand launch too
+        elif self.mode == "routed" and n <= BlockSizes.get_default().routed_max_tokens:  # decode
             y, logits, experts, weights = meteora_routed_packed(
-                xf, None if fuse else xf @ kernel, self.gate[...].astype(jnp.float32),
-                self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype), self.scaling[...],
-                self.spans, top_k=self.top_k, temperature=self.temperature, routing=self.routing,
-                forced_expert=self.forced_expert, w=kernel if fuse else None)
+                xf, xf @ kernel, self.gate[...].astype(jnp.float32), self.lora_a[...].astype(self.dtype),
+                self.lora_b[...].astype(self.dtype), self.scaling[...], self.spans, top_k=self.top_k,
+                temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert)
             self._record(routings, logits, experts, weights, lead)
         else:
             m, e, r = len(self.expert_members), self.num_experts, self.rank

@@ -377,26 +377,6 @@ def packed_inputs(c: PCase, seed: int, abstract: bool = False):
     return x, y, gate, a, b, s
 
 
-def check_routed_packed_base(c: PCase, interpret: bool, seed: int = 0, block_sizes=None):
-    """With the base weight w instead of the base output, the expand launch computes x @ w too: against the float32
-    x @ w plus the two-launch result's delta (experts equal)."""
-    x, y, gate, a, b, s = packed_inputs(c, seed)
-    w = jnp.asarray(np.random.default_rng(seed + 7).standard_normal((c.d, c.ld)) / c.d ** 0.5, x.dtype)
-    kw = dict(top_k=c.k, temperature=c.temperature, routing=c.routing, forced_expert=c.forced,
-              block_sizes=block_sizes, interpret=interpret)
-    yb = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    ref, r_logits, r_experts, r_weights = mp.meteora_routed_packed(x, yb.astype(x.dtype), gate, a, b, s, c.spans,
-                                                                   **kw)
-    out, logits, experts, weights = mp.meteora_routed_packed(x, None, gate, a, b, s, c.spans, w=w, **kw)
-    assert out.shape == (c.n, c.ld) and out.dtype == x.dtype
-    np.testing.assert_array_equal(np.asarray(experts), np.asarray(r_experts))
-    assert_close(logits, r_logits, 1e-5, "logits")
-    assert_close(weights, r_weights, 1e-5, "weights")
-    assert_close(out, ref, TOL[c.dtype], "x @ w + delta")
-    delta = np.asarray(ref, np.float32) - np.asarray(yb.astype(x.dtype), np.float32)
-    assert np.abs(delta).max() > 1e-3 * np.abs(np.asarray(yb)).max()  # the adapter term is not negligible here
-
-
 def gate_parts(gate, dtype):
     """An f32 gate as column blocks of `dtype` whose products sum to its product: [gate] in float32, else the
     rounded gate and the rounded remainder (hi + lo)."""
@@ -513,36 +493,6 @@ def test_routed_expand_lowers_to_triton(case):
     assert "meteora_routed_expand_z" in text
 
 
-WHOLE_CPU = [c for c in PACKED_CPU if sum(size for _, size in c.spans) == c.ld]
-WHOLE_GPU = [c for c in PACKED_GPU if sum(size for _, size in c.spans) == c.ld]
-
-
-@pytest.mark.parametrize("case", WHOLE_CPU, ids=str)
-def test_routed_packed_base_product_interpret(case):
-    seed = int(np.random.default_rng().integers(1 << 30))
-    check_routed_packed_base(case, interpret=True, seed=seed)
-    check_routed_packed_base(case, interpret=True, seed=seed, block_sizes=mp.BlockSizes(
-        routed_base_block_out=16, routed_base_block_in=32))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", WHOLE_GPU, ids=str)
-def test_routed_packed_base_product_gpu(case):
-    if jax.default_backend() != "gpu":
-        pytest.skip("needs a GPU (run on the device machine)")
-    check_routed_packed_base(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)))
-
-
-@pytest.mark.parametrize("case", WHOLE_GPU, ids=str)
-def test_routed_packed_base_product_lowers_to_triton(case):
-    x, _, gate, a, b, s = packed_inputs(case, 0, abstract=True)
-    w = jax.ShapeDtypeStruct((case.d, case.ld), x.dtype)
-    fn = lambda x, gate, a, b, s, w: mp.meteora_routed_packed(x, None, gate, a, b, s, case.spans, top_k=case.k,
-                                                              forced_expert=case.forced, w=w, interpret=False)
-    text = jax.jit(fn).trace(x, gate, a, b, s, w).lower(lowering_platforms=("cuda",)).as_text()
-    assert "meteora_routed_shrink" in text and "meteora_routed_expand" in text
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
 def test_routed_packed_gpu(case):
@@ -582,15 +532,6 @@ def test_routed_packed_bad_args_are_refused():
         mp.meteora_routed_packed(x, y, gate, a, b, s, ((0, 48), (48, 16), (64, 17)), top_k=2, interpret=True)
     with pytest.raises(ValueError, match=r"top_k must be in 1..5"):
         mp.meteora_routed_packed(x, y, gate, a, b, s, spans, top_k=6, interpret=True)
-    w = jnp.ones((x.shape[1], y.shape[1]), x.dtype)
-    with pytest.raises(ValueError, match=r"give y \(the base output\) or w"):
-        mp.meteora_routed_packed(x, y, gate, a, b, s, spans, top_k=2, w=w, interpret=True)
-    with pytest.raises(ValueError, match=r"give y \(the base output\) or w"):
-        mp.meteora_routed_packed(x, None, gate, a, b, s, spans, top_k=2, interpret=True)
-    with pytest.raises(ValueError, match=r"w \(64, 79\) must be \[in=64, ld\]"):
-        mp.meteora_routed_packed(x, None, gate, a, b, s, spans, top_k=2, w=w[:, :79], interpret=True)
-    with pytest.raises(ValueError, match=r"with w, spans .* must cover all 80 columns"):
-        mp.meteora_routed_packed(x, None, gate, a, b, s, ((0, 48), (48, 16), (66, 14)), top_k=2, w=w, interpret=True)
 
 
 def test_model_decode_uses_the_routed_kernels(monkeypatch):
