@@ -386,7 +386,8 @@ def render_md(meta, records):
     get = {(r["shape"], r["variant"], r["batch"]): r for r in dec}
     lines = ["# Generation speed: jitted decode vs transformers + PEFT generate", "",
              *[f"Earlier command (records kept): `{c}`  " for c in meta.get("earlier", [])],
-             f"Command: `{meta['command']}`  ", f"Device: {dev.get('jax', {}).get('device')} "
+             f"Command: `{meta['command']}`  ", *([f"Note: {meta['note']}  "] if meta.get("note") else []),
+             f"Device: {dev.get('jax', {}).get('device')} "
              f"(jax {dev.get('jax', {}).get('jax')}; torch {dev.get('torch', {}).get('torch')}, transformers "
              f"{dev.get('torch', {}).get('transformers')})  ",
              f"Random bf16 weights; MeteoRA: E={meta['args']['experts']}, r={meta['args']['rank']}, "
