@@ -114,19 +114,27 @@ def test_packed_forced_expert_equals_peft_generate(tiny_llama3):
 
 @pytest.mark.parametrize("mode", ["fold", "routed", "extended"])
 def test_packed_generate_and_trace_equal_unpacked(tiny_llama3, mode):
-    """Same tokens, experts and weights (`routed`: decode steps through the routed kernels, interpret mode).
-    The weights are compared to 2e-3: the packed products round in another
-    order, and with these large random adapters (std 0.3) the fp32 difference grows over the decode steps; a run
-    saw 6.5e-4 on one of 308 weights (a packing mistake changes tokens and experts)."""
+    """Same tokens; same experts and weights (`routed`, `extended`: decode steps through the kernels, interpret
+    mode), but for fp32 near-ties: over 1000 seeds, `fold` gave 4 runs with 1 or 2 of about 1000 expert slots
+    swapped between near-tied experts (seeds 192, 341, 777, 871; same tokens), so at most 0.5% of the slots may
+    differ. The weights of equal slots are compared to 2e-3: the packed products round in another order, and with
+    these large random adapters (std 0.3) the fp32 difference grows over the decode steps; a run saw 6.5e-4 on one
+    of 308 weights. A packing mistake changes tokens and most experts."""
     seed = int(np.random.default_rng().integers(1000))
     ref = random_meteora(tiny_llama3[0], seed=seed, top_k=2, temperature=3.0)
     packed = pack_projections(copy(ref), mode=mode)
     want = gen.generate(ref, PROMPTS, max_new_tokens=9, trace=True)
     got = gen.generate(packed, PROMPTS, max_new_tokens=9, trace=True)
     assert got.tokens == want.tokens, f"seed {seed}"
+    slots = differ = 0
     for i in range(len(PROMPTS)):
-        np.testing.assert_array_equal(got.trace.experts[i], want.trace.experts[i], err_msg=f"seed {seed}")
-        np.testing.assert_allclose(got.trace.weights[i], want.trace.weights[i], atol=2e-3, err_msg=f"seed {seed}")
+        g, w = np.asarray(got.trace.experts[i]), np.asarray(want.trace.experts[i])
+        assert g.shape == w.shape, f"seed {seed}"
+        same = g == w
+        slots, differ = slots + same.size, differ + int((~same).sum())
+        np.testing.assert_allclose(np.asarray(got.trace.weights[i])[same], np.asarray(want.trace.weights[i])[same],
+                                   atol=2e-3, err_msg=f"seed {seed}")
+    assert differ <= 0.005 * slots, f"seed {seed}: {differ} of {slots} expert slots differ"
 
 
 @pytest.mark.parametrize("mode", ["auto", "extended"])
