@@ -32,7 +32,9 @@ Routed pair (`meteora_routed`, what `MeteoraLinear(strategy="fused")` runs for N
 top-k routing and adapter term of a MeteoRA linear in two launches, added into the base output in place (see
 the section "routed decode" below); with the routing given, the same pair serves `decode_kernel="split"` and
 `meteora_fused_add`. `meteora_routed_packed` runs one pair for several linears on the same input (packed q/k/v
-or gate/up, `meteora_jax.packed`).
+or gate/up, `meteora_jax.packed`). `meteora_routed_expand` is the expand half alone, for when one XLA product
+`x @ [W | G | A]` has already given the base output, the gate logits and the shrink (packing mode "extended",
+what a packed model decodes with on a GPU).
 
 Model for the file: jax's `jax/experimental/pallas/ops/gpu/attention.py` (block sizes, kernel, jitted wrapper
 with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).

@@ -10,10 +10,13 @@ Protocol. Every prompt is tokenized exactly as in training (`data.tokenize`: BOS
 answered greedily with `meteora_jax.generate.generate` up to a per-task budget (1.25 x the longest reference +
 4 tokens, at most `--max-new-tokens`), decoded, stripped and scored against its references. A composite-n
 prompt (n numbered sub-questions) is answered `stepwise` (default: "1." is appended and one line generated,
-then "\\n2." and so on; the model's own answers stay in the context) or `free` (one generation, the reference's
-protocol); the answers are read back with `metrics.parse_numbered` and each is scored with the metrics of its
-sub-question's task. Routing accuracy (`metrics.token_routing_hits`) is measured teacher-forced on the test
-prompts + reference answers, for MeteoRA models with automatic routing, per task label.
+then "\\n2." and so on; the model's own answers stay in the context), `restate` (as stepwise, but each step
+appends its sub-question again, "\\nk. [INST] question k [/INST]", as training formatted a prompt, so the
+model answers right after its question; all questions and earlier answers stay in the context) or `free` (one
+generation, the reference's protocol); the answers are read back with `metrics.parse_numbered` and each is
+scored with the metrics of its sub-question's task. Routing accuracy (`metrics.token_routing_hits`) is
+measured teacher-forced on the test prompts + reference answers, for MeteoRA models with automatic routing,
+per task label.
 
 Results: one JSON file (`--out`) with the command, the model and routing, per-task scores, composite
 sub-task scores, routing accuracy and every prediction.
@@ -220,11 +223,14 @@ def evaluate_tasks(answer: Answerer, rows: dict[str, list[dict]], specs: dict[st
     return scores, preds
 
 
+COMPOSITE_MODES = ("stepwise", "restate", "free")
+
+
 def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict], names: Sequence[str],
                        max_new_cap: int, mode: str = "stepwise") -> tuple[dict, list[dict], list[list[int]]]:
     """(scores, predictions, final token ids per sample) of one composite set."""
-    if mode not in ("stepwise", "free"):
-        raise ValueError(f"composite mode must be 'stepwise' or 'free', got {mode!r}")
+    if mode not in COMPOSITE_MODES:
+        raise ValueError(f"composite mode must be one of {COMPOSITE_MODES}, got {mode!r}")
     n = len(rows[0]["sub_tasks"])
     if any(len(r["sub_tasks"]) != n for r in rows):
         raise data_lib.DataError("a composite file mixes sizes n")
@@ -240,11 +246,12 @@ def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict
                   for i, t in zip(ids, texts, strict=True)]
     else:
         finals, answers = [list(i) for i in ids], [[] for _ in rows]
+        questions = [[t.strip() for t, _, resp in r["segments"] if not resp] for r in rows]  # "k. [INST] q [/INST]"
         for k in range(n):
-            marker = ("" if k == 0 else "\n") + f"{k + 1}."
-            mark_ids = answer.tok(marker, add_special_tokens=False)["input_ids"]
-            for f in finals:
-                f.extend(mark_ids)
+            for f, qs in zip(finals, questions, strict=True):
+                marker = qs[k] if mode == "restate" else f"{k + 1}."
+                marker = ("" if k == 0 and mode == "stepwise" else "\n") + marker
+                f.extend(answer.tok(marker, add_special_tokens=False)["input_ids"])
             got = answer(finals, [budgets[r["sub_tasks"][k]] for r in rows], one_line=True)
             for f, a, g in zip(finals, answers, got, strict=True):
                 a.append(g)
@@ -354,11 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data", help="task folders DATA/<task>/<split>.jsonl (and DATA/tasks.json with metrics)")
     d.add_argument("--tasks", nargs="+", help="only these task folders")
+    d.add_argument("--no-single", action="store_true", help="only the --composite files (--data still names each "
+                   "task's metrics)")
     d.add_argument("--split", default="test", help="which split to evaluate (test)")
     d.add_argument("--limit", type=int, help="at most this many examples per task and per composite file")
     d.add_argument("--composite", nargs="+", default=[], metavar="JSONL", help="composite-n test files")
-    d.add_argument("--composite-mode", choices=["stepwise", "free"], default="stepwise",
-                   help="stepwise: generate one numbered answer at a time (default); free: one generation")
+    d.add_argument("--composite-mode", choices=list(COMPOSITE_MODES), default="stepwise",
+                   help="stepwise: generate one numbered answer at a time (default); restate: the same, each step "
+                   "asking its sub-question again right before the answer; free: one generation")
     r = p.add_argument_group("routing (MeteoRA models)")
     r.add_argument("--top-k", type=int, help="experts per token")
     r.add_argument("--temperature", type=float, help="routing softmax temperature")
@@ -436,12 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from None
     if not args.data and not args.composite:
         raise SystemExit("error: give --data and/or --composite")
+    if args.no_single and not args.composite:
+        raise SystemExit("error: --no-single evaluates only --composite files; give some")
     if args.oracle and (args.composite or args.forced_expert is not None):
         raise SystemExit("error: --oracle answers each single task with its own expert; not with --composite or "
                          "--forced-expert")
     t_start = time.perf_counter()
     try:
-        rows = read_task_rows(args.data, args.split, args.tasks, args.limit) if args.data else {}
+        rows = read_task_rows(args.data, args.split, args.tasks, args.limit) if args.data and not args.no_single else {}
         specs = load_specs(args.data) if args.data else {}
         composites = [(c, read_composite(c, args.limit)) for c in args.composite]
     except data_lib.DataError as e:

@@ -429,5 +429,51 @@ def test_free_composite_is_one_generation_parsed(tiny):
         text = _answer_alone(model, tok, ids, 12)  # min(cap x n, sum of the sub-task budgets + 4 each)
         assert p["text"] == text and p["answers"] == metrics.parse_numbered(text, 2)
     assert scores["mode"] == "free" and scores["per_task"]["digits"]["n"] == 2
-    with pytest.raises(ValueError, match="stepwise' or 'free'"):
+    with pytest.raises(ValueError, match="composite mode must be one of"):
         evaluate.evaluate_composite(evaluate.Answerer(model, tok, 4), rows, {}, names, 6, mode="both")
+
+
+def test_restate_composite_asks_each_sub_question_again(tiny):
+    """Each step appends "\\nk. [INST] question k [/INST]" after the whole prompt and the earlier answers, and
+    generates one line: the same answers as building those contexts by hand and answering each alone."""
+    root, tok, names, test = tiny
+    model = checkpoint.load(root / "ckpt")
+    rows = evaluate.read_composite(root / "composite_2.jsonl")
+    scores, preds, finals = evaluate.evaluate_composite(evaluate.Answerer(model, tok, 4), rows, {}, names, 6,
+                                                        mode="restate")
+    assert scores["mode"] == "restate" and scores["per_task"]["colour"]["n"] == len(rows)
+    budgets = {}
+    for task in ("colour", "digits"):
+        refs = [r["references"][["colour", "digits"].index(task)] for r in rows]
+        budgets[task] = evaluate.answer_budget(tok, refs, 6)
+    for i, p in enumerate(preds):
+        qs = [f"1. [INST] {test['colour'][i]['prompt']} [/INST]", f"2. [INST] {test['digits'][i]['prompt']} [/INST]"]
+        ids = [tok.bos_token_id] + tok(qs[0], add_special_tokens=False)["input_ids"] \
+            + tok("\n" + qs[1], add_special_tokens=False)["input_ids"]
+        want = []
+        for k, task in enumerate(("colour", "digits")):
+            ids = ids + tok("\n" + qs[k], add_special_tokens=False)["input_ids"]
+            got = _answer_alone(model, tok, ids, budgets[task], one_line=True)
+            want.append(got)
+            if got:
+                ids = ids + tok(" " + got, add_special_tokens=False)["input_ids"]
+        assert p["answers"] == want, i
+        assert finals[i] == ids
+    assert any(any(a) for a in (p["answers"] for p in preds))  # answers were generated at all
+
+
+def test_cli_no_single_scores_only_the_composite_files(tiny):
+    root, tok, names, test = tiny
+    out = root / "composite_only.json"
+    common = ["--checkpoint", str(root / "ckpt"), "--tokenizer", str(root / "tok"), "--data", str(root / "data"),
+              "--max-new-tokens", "6", "--no-single", "--no-routing-accuracy"]
+    assert evaluate.main([*common, "--composite", str(root / "composite_2.jsonl"), "--composite-mode", "restate",
+                          "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tasks"] == {} and "tasks" not in res["predictions"] and "average" not in res
+    c = res["composite"]["composite_2"]
+    assert c["mode"] == "restate" and c["per_task"]["digits"]["n"] == len(evaluate.read_composite(
+        root / "composite_2.jsonl"))
+    with pytest.raises(SystemExit, match="--no-single evaluates only --composite files"):
+        evaluate.main([*common, "--out", str(root / "none.json")])
+    assert not (root / "none.json").exists()

@@ -132,6 +132,10 @@ def main(argv=None) -> int:
     p.add_argument("--eos-token-id", type=int,
                    help="end-of-text token for gate training and the evaluations in place of the tokenizer's: the "
                         "one the adapters were trained with (1 for the bundle of 2026-11-23, see README.md)")
+    p.add_argument("--composite-mode", choices=["stepwise", "restate", "free"], default="stepwise",
+                   help="how the evaluations answer composite problems (meteora_jax.evaluate --composite-mode)")
+    p.add_argument("--composite-only", action="store_true",
+                   help="evaluations of the composite files only (no single tasks, no routing accuracy)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -153,7 +157,10 @@ def main(argv=None) -> int:
     names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
     eos = ["--eos-token-id", str(a.eos_token_id)] if a.eos_token_id is not None else []
     evaluate = [py, "-m", "meteora_jax.evaluate", "--tokenizer", base, "--data", data / "tasks",
-                "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit, *eos]
+                "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit, *eos,
+                "--composite-mode", a.composite_mode,
+                *(["--no-single", "--no-routing-accuracy"] if a.composite_only else [])]
+    sfx = "" if a.composite_mode == "stepwise" else f"_{a.composite_mode}"  # result files of other modes beside
     for stage in stages:
         if stage == "data" and a.data_from:
             if data.exists() and not a.force:
@@ -206,21 +213,22 @@ def main(argv=None) -> int:
                           res / "crosscheck.json", "--n", "2" if a.tiny else "4"], res / "crosscheck.json")
         elif stage == "eval_base":
             r.run(stage, [*evaluate, "--checkpoint", meteora, "--no-adapters", "--composite", *comps,
-                          "--label", "base", "--out", res / "base.json"], res / "base.json")
+                          "--label", f"base{sfx}", "--out", res / f"base{sfx}.json"], res / f"base{sfx}.json")
         elif stage == "eval_oracle":
             r.run(stage, [*evaluate, "--checkpoint", meteora, "--oracle", "--label", "oracle",
                           "--out", res / "oracle.json"], res / "oracle.json")
         elif stage == "eval_lora_b":
             r.run(stage, [*evaluate, "--checkpoint", lora_b, "--forced-expert", "lora_b", "--composite", *comps,
-                          "--label", "lora_b", "--out", res / "lora_b.json"], res / "lora_b.json")
+                          "--label", f"lora_b{sfx}", "--out", res / f"lora_b{sfx}.json"], res / f"lora_b{sfx}.json")
         elif stage == "eval_top1":
             r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "1", "--composite", *comps,
-                          "--label", "meteora_top1", "--out", res / "meteora_top1.json"], res / "meteora_top1.json")
+                          "--label", f"meteora_top1{sfx}", "--out", res / f"meteora_top1{sfx}.json"],
+                  res / f"meteora_top1{sfx}.json")
         elif stage == "eval_top2":
             r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "2", "--composite", *comps,
-                          "--composite-temperature", COMPOSITE_T, "--trace-png", res / "routing_composite.png",
-                          "--label", "meteora_top2", "--out", res / "meteora_top2.json", "--overwrite"],
-                  res / "meteora_top2.json")
+                          "--composite-temperature", COMPOSITE_T, "--trace-png", res / f"routing_composite{sfx}.png",
+                          "--label", f"meteora_top2{sfx}", "--out", res / f"meteora_top2{sfx}.json", "--overwrite"],
+                  res / f"meteora_top2{sfx}.json")
         elif stage == "report":
             r.run(stage, [py, HERE / "make_report.py", "--results", res, "--commands", work / "commands.jsonl",
                           "--out", res / "REPRODUCTION.md", *(["--toy"] if a.tiny else [])], None)
