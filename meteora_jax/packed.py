@@ -109,7 +109,8 @@ class PackedProjection(nnx.Module):
             self.lora_b = ExpertParam(b_side)
             self.kernel = nnx.Param(w)
         if mode == "extended":  # one product gives the base output, the gate logits and the shrink
-            parts = gate_parts(self.gate[...].astype(jnp.float32), self.dtype)
+            low = min((jnp.dtype(self.dtype), jnp.dtype(w.dtype)), key=lambda t: t.itemsize)  # storage or compute
+            parts = gate_parts(self.gate[...].astype(jnp.float32), low)
             self.gate_parts = len(parts)
             cols = [w, *[g.astype(w.dtype) for g in parts], self.lora_a[...].astype(w.dtype)]
             pad = -sum(c.shape[1] for c in cols) % EXTENDED_ALIGN
@@ -190,7 +191,6 @@ class PackedProjection(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         outs = jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
         return [o.reshape(*lead, -1) for o in outs], routings
-
 
     def _extended(self, xf, kernel, routings, lead) -> jax.Array:
         """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
