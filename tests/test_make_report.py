@@ -69,7 +69,8 @@ def test_report_numbers_match_recomputation(tmp_path, two_oracles):
     for k, o, same in pairs:
         ratio = avg[k] / avg[o]
         line = next(x for x in text.splitlines() if x.startswith(f"{names[k]} average / {names[o]} average"))
-        assert f"**{ratio:.3f}**" in line and same in line
+        shown = float(re.search(r"\*\*([0-9.]+)\*\*", line).group(1))  # 3 decimals; a ratio on a rounding
+        assert abs(shown - ratio) <= 0.0005 + 1e-12 and same in line  # boundary may print either way
         assert ("met" if ratio >= 0.95 else "missed") in line.split(":")[-1]
 
     wins = ties = total = 0
