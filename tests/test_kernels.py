@@ -470,6 +470,23 @@ def test_routed_expand_interpret(case):
     check_routed_packed(case, interpret=True, seed=seed, via="z", block_sizes=mp.BlockSizes(routed_block_out=16))
 
 
+def test_routed_expand_bad_args_are_refused():
+    c = PACKED_CPU[0]  # spans cover all 80 columns
+    x, y, gate, a, b, s = packed_inputs(c, 0)
+    z, parts = routed_expand_z(c, x, gate, a, 0)
+    kw = dict(gate_parts=parts, top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"z must be float32"):
+        mp.meteora_routed_expand(z.astype(jnp.bfloat16), b, s, c.spans, **kw)
+    with pytest.raises(ValueError, match=r"z \(1, 66\) must be \[N, ld \+ gate_parts\*m\*E \+ m\*E\*r"):
+        mp.meteora_routed_expand(z[:, :66], b, s, c.spans, **kw)
+    with pytest.raises(ValueError, match=r"without y, spans .* must cover all 80 columns"):
+        mp.meteora_routed_expand(z, b, s, ((0, 48), (48, 16), (66, 14)), **kw)
+    with pytest.raises(ValueError, match=r"y \(1, 79\) must be \[N=1, ld=80\]"):
+        mp.meteora_routed_expand(z, b, s, c.spans, y=y[:, :79], **kw)
+    with pytest.raises(ValueError, match=r"top_k must be in 1..5"):
+        mp.meteora_routed_expand(z, b, s, c.spans, **{**kw, "top_k": 6})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
 def test_routed_expand_gpu(case):
