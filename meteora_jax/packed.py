@@ -146,8 +146,6 @@ class PackedProjection(nnx.Module):
             self.set_routing_from(config)
 
     def __call__(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, Any]]:
-        from meteora_jax.meteora import route
-        from meteora_jax.strategies import combine_weights
 
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in).astype(self.dtype)
@@ -167,16 +165,8 @@ class PackedProjection(nnx.Module):
         else:
             m, e, r = len(self.expert_members), self.num_experts, self.rank
             logits = (xf.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)).reshape(n, m, e)
-            if self.forced_expert is None:
-                weights, experts = route(logits, self.top_k, self.temperature, self.routing)  # [N, m, k]
-            else:
-                experts = jnp.full((n, m, 1), self.forced_expert, jnp.int32)
-                weights = jnp.ones((n, m, 1), jnp.float32)
-            k = experts.shape[-1]
-            coef = combine_weights(experts.reshape(n * m, k), weights.reshape(n * m, k), jnp.ones((e,)), e)
-            coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)  # [N, m, E]
-            h = jnp.dot(xf, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
-            h = (h.reshape(n, m, e, r) * coef[..., None]).reshape(n, m * e * r).astype(self.dtype)
+            p = jnp.dot(xf, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            h, experts, weights = self._dense_routing(logits, p)
             if self.mode == "fold":  # one product over [x | h']
                 y = jnp.concatenate([xf, h], axis=-1) @ kernel
             elif self.mode == "split":  # the base product and the expand apart (no concatenated operand)
@@ -192,12 +182,28 @@ class PackedProjection(nnx.Module):
         outs = jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
         return [o.reshape(*lead, -1) for o in outs], routings
 
-    def _extended(self, xf, kernel, routings, lead) -> jax.Array:
-        """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
-        launch; a few tokens) or the dense math on z's columns (prefill)."""
+    def _dense_routing(self, logits, p):
+        """The `dense` math for many tokens: from logits [N, m, E] and the unscaled shrink P [N, m*E*r] (f32),
+        each member's routing (or the forced expert) and h' = P * (weight x alpha/r of the picked experts, zero
+        elsewhere) in the compute dtype. Returns (h', experts [N, m, k], weights [N, m, k])."""
         from meteora_jax.meteora import route
         from meteora_jax.strategies import combine_weights
 
+        n, m, e = logits.shape
+        if self.forced_expert is None:
+            weights, experts = route(logits, self.top_k, self.temperature, self.routing)  # [N, m, k]
+        else:
+            experts = jnp.full((n, m, 1), self.forced_expert, jnp.int32)
+            weights = jnp.ones((n, m, 1), jnp.float32)
+        k = experts.shape[-1]
+        coef = combine_weights(experts.reshape(n * m, k), weights.reshape(n * m, k), jnp.ones((e,)), e)
+        coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)  # [N, m, E]
+        h = (p.reshape(n, m, e, self.rank) * coef[..., None]).reshape(n, m * e * self.rank).astype(self.dtype)
+        return h, experts, weights
+
+    def _extended(self, xf, kernel, routings, lead) -> jax.Array:
+        """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
+        launch; a few tokens) or the dense math on z's columns (prefill)."""
         n, ld = xf.shape[0], sum(self.sizes)
         z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
         if not self.adapters_enabled:
@@ -214,15 +220,7 @@ class PackedProjection(nnx.Module):
             return y
         g0 = ld + self.gate_parts * m * e
         logits = sum(z[:, ld + t * m * e:ld + (t + 1) * m * e] for t in range(self.gate_parts)).reshape(n, m, e)
-        if self.forced_expert is None:
-            weights, experts = route(logits, self.top_k, self.temperature, self.routing)  # [N, m, k]
-        else:
-            experts = jnp.full((n, m, 1), self.forced_expert, jnp.int32)
-            weights = jnp.ones((n, m, 1), jnp.float32)
-        k = experts.shape[-1]
-        coef = combine_weights(experts.reshape(n * m, k), weights.reshape(n * m, k), jnp.ones((e,)), e)
-        coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)
-        h = (z[:, g0:g0 + m * e * r].reshape(n, m, e, r) * coef[..., None]).reshape(n, m * e * r).astype(self.dtype)
+        h, experts, weights = self._dense_routing(logits, z[:, g0:g0 + m * e * r])
         y = z[:, :ld]
         for j, (off, size) in enumerate(self.spans):
             y = y.at[:, off:off + size].add(jnp.dot(h[:, j * e * r:(j + 1) * e * r], b_side[:, off:off + size],
