@@ -6,7 +6,8 @@
 # The jobs run one after another from a private copy of the tree (/tmp/proj: the device tool lays the repo copy
 # anew on every call), each logging to /tmp/res/JOB.log and its start/end to /tmp/res/progress; a job's results
 # land in /tmp/res. A later call of the device tool can wait on them while the machine stays warm.
-# Jobs: train_bench, repro (the whole reproduction; finished stages are skipped), repro_train (its training
+# Jobs: train_bench, repro (the whole reproduction; finished stages are skipped; options in REPRO_ARGS), repro_more
+# (a second pipeline run after it, options in REPRO_MORE_ARGS), repro_train (its training
 # stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
 # `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
@@ -49,6 +50,9 @@ for job in "$@"; do
     repro) run repro python3 experiments/reproduce/pipeline.py --work /tmp/repro --data-from .devcarry/repro/data \
              --base "$GGUF" ${REPRO_ARGS:-}
            mkdir -p "$RES/repro_results" && cp -r /tmp/repro/results/. /tmp/repro/commands.jsonl "$RES/repro_results/" ;;
+    repro_more) run repro_more python3 experiments/reproduce/pipeline.py --work /tmp/repro \
+                  --data-from .devcarry/repro/data --base "$GGUF" ${REPRO_MORE_ARGS:-}
+                mkdir -p "$RES/repro_results" && cp -r /tmp/repro/results/. /tmp/repro/commands.jsonl "$RES/repro_results/" ;;
     kernels_test) run kernels_test python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider ;;
     layer_bench) run layer_bench python3 experiments/bench_layer.py --out "$RES/layer_bench" ${LAYER_ARGS:-} ;;
     layer_bench_tuned) run layer_bench_tuned python3 experiments/bench_layer.py --out "$RES/layer_bench" \

@@ -99,9 +99,19 @@ def load_tasks(data_dir: str | os.PathLike, expert_names: Sequence[str], split: 
     return samples
 
 
-def composite(samples: Sequence[Sample], n: int, count: int, seed: int) -> list[Sample]:
+COMPOSITE_LAYOUTS = ("answers", "restate")
+
+
+def composite(samples: Sequence[Sample], n: int, count: int, seed: int, layout: str = "answers") -> list[Sample]:
     """`count` composite-n samples: n single-task samples of n different tasks joined into one prompt with
-    numbered sub-questions and one numbered answer each; every segment keeps its own task label."""
+    numbered sub-questions ("k. question"), then one numbered answer each; every segment keeps its own task label.
+
+    `layout`: "answers" puts "k. answer" lines after the prompt (the reference's composite layout, what
+    `evaluate --composite-mode stepwise` builds); "restate" asks each sub-question again right before its answer
+    ("\nk. question" then " answer"), the context `evaluate --composite-mode restate` builds with the answers in.
+    The draws depend on `seed` only, not on the layout."""
+    if layout not in COMPOSITE_LAYOUTS:
+        raise ValueError(f"composite layout must be one of {COMPOSITE_LAYOUTS}, got {layout!r}")
     rng = np.random.default_rng(seed)
     by_task: dict[int, list[Sample]] = {}
     for s in samples:
@@ -118,8 +128,11 @@ def composite(samples: Sequence[Sample], n: int, count: int, seed: int) -> list[
             text, t, _ = p.segments[0]
             segs.append((("" if i == 0 else "\n") + f"{i + 1}. {text}", t, False))
         for i, p in enumerate(parts):
-            text, t, _ = p.segments[1]
-            segs.append((("" if i == 0 else "\n") + f"{i + 1}.{text}", t, True))
+            (question, t, _), (answer, _, _) = p.segments[:2]
+            if layout == "restate":
+                segs += [("\n" + f"{i + 1}. {question}".strip(), t, False), (answer, t, True)]
+            else:
+                segs.append((("" if i == 0 else "\n") + f"{i + 1}.{answer}", t, True))
         out.append(Sample(tuple(segs)))
     return out
 

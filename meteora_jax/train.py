@@ -59,6 +59,9 @@ class TrainConfig:
     gate_coef: float = 1.0
     lm_loss: str = "all"  # "all" (prompt and response, as the reference) or "response"
     train: str = "gates"  # "gates" or "gates,experts"
+    composite_mix: float = 0.0  # composite-style training samples added, as a fraction of the single ones
+    composite_sizes: str = "2,3"
+    composite_layout: str = "restate"
     max_len: int = 256
     buckets: str = "64,128,256"
     overlong: str = "truncate"
@@ -103,6 +106,11 @@ HELP = {
     "gate_coef": "weight of the gate loss (cross-entropy of all gate logits vs token task ids)",
     "lm_loss": "'all': LM loss over prompt and response tokens (the reference); 'response': response only",
     "train": "what trains: 'gates' (MeteoRA) or 'gates,experts' (also fine-tune the LoRA experts)",
+    "composite_mix": "add composite-n training samples built from the train split (n different tasks' samples in "
+                     "one sequence, each token labelled with its own task), this many per single sample (0: none)",
+    "composite_sizes": "comma-separated n of the --composite-mix samples, drawn in equal numbers",
+    "composite_layout": "'restate' (each sub-question asked again right before its answer, as `evaluate "
+                        "--composite-mode restate`) or 'answers' (numbered answers after the prompt, as stepwise)",
     "max_len": "longest sample in tokens; longer ones are handled by --overlong",
     "buckets": "comma-separated padded lengths; each batch is padded to the smallest bucket that fits",
     "overlong": "'truncate' or 'skip' samples longer than --max-len (counted and reported)",
@@ -213,6 +221,34 @@ def run_eval(evaluate, state, plan, cfg, names, put=lambda b: b) -> dict:
     return out
 
 
+def composite_samples(samples: list, cfg: TrainConfig) -> list:
+    """The `--composite-mix` samples drawn from `samples` (seeded by `--seed`; none when the mix is 0)."""
+    if cfg.composite_mix < 0:
+        raise SystemExit(f"error: --composite-mix must be >= 0, got {cfg.composite_mix}")
+    if cfg.composite_layout not in data_lib.COMPOSITE_LAYOUTS:
+        raise SystemExit(f"error: --composite-layout must be one of {data_lib.COMPOSITE_LAYOUTS}, "
+                         f"got {cfg.composite_layout!r}")
+    try:
+        sizes = sorted({int(n) for n in cfg.composite_sizes.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 2:
+        raise SystemExit(f"error: --composite-sizes: expected comma-separated sizes >= 2, got {cfg.composite_sizes!r}")
+    total = round(cfg.composite_mix * len(samples))
+    if total == 0:
+        return []
+    out = []
+    for i, n in enumerate(sizes):
+        count = total // len(sizes) + (i < total % len(sizes))
+        try:
+            out += data_lib.composite(samples, n, count, seed=cfg.seed + 1000 * n, layout=cfg.composite_layout)
+        except data_lib.DataError as e:
+            raise SystemExit(f"error: --composite-sizes {cfg.composite_sizes}: {e}") from None
+    print(f"train: {len(out)} composite samples (n in {sizes}, layout {cfg.composite_layout}) added to "
+          f"{len(samples)} single ones")
+    return out
+
+
 def load_model_and_data(cfg: TrainConfig, run_dir: Path):
     """(model, tokenizer, data folder, prompt format) for the run: the checkpoint's, or the built-in demo's."""
     if cfg.checkpoint is None and cfg.data is None:
@@ -291,6 +327,8 @@ def train(cfg: TrainConfig) -> dict:
     splits = {}
     for split in ("train", "test"):
         samples = data_lib.load_tasks(data_dir, names, split, prompt_format)
+        if split == "train":
+            samples = samples + composite_samples(samples, cfg)
         examples, stats = data_lib.tokenize(samples, tokenizer, cfg.max_len, overlong=cfg.overlong)
         if stats["truncated"] or stats["skipped"]:
             print(f"{split}: {stats['truncated']} samples truncated and {stats['skipped']} skipped "

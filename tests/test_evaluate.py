@@ -462,6 +462,44 @@ def test_restate_composite_asks_each_sub_question_again(tiny):
     assert any(any(a) for a in (p["answers"] for p in preds))  # answers were generated at all
 
 
+def test_restate_training_layout_is_the_restate_evaluation_context(tiny):
+    """`data.composite(layout="restate")` (what `train --composite-mix` adds) tokenizes to exactly the context
+    `evaluate --composite-mode restate` builds when each answer is the reference, and labels each sub-question's
+    restated question and answer with its own task."""
+    root, tok, names, test = tiny
+    samples = data_lib.load_tasks(root / "data", names, "test")
+    for n_seed in range(3):
+        restate = data_lib.composite(samples, 2, 4, seed=n_seed, layout="restate")
+        listed = data_lib.composite(samples, 2, 4, seed=n_seed)  # same draws, the evaluation file's layout
+        rows = [{"segments": [(t, names[i], r) for t, i, r in s.segments], "references": [[""], [""]],
+                 "choices": [None, None], "sub_tasks": [names[i] for _, i, r in s.segments if not r]}
+                for s in listed]
+        answers = [[a.strip() for a, _, r in s.segments if r] for s in restate]
+
+        class Reference:  # answers each sub-question with its reference answer
+            def __init__(self, answers):
+                self.tok, self.k, self.answers = tok, 0, answers
+
+            def __call__(self, prompts, budgets, one_line=False):
+                assert one_line and len(prompts) == len(self.answers)
+                self.k += 1
+                return [a[self.k - 1] for a in self.answers]
+
+        _, preds, finals = evaluate.evaluate_composite(Reference(answers), rows, {}, names, 6, mode="restate")
+        assert [p["answers"] for p in preds] == answers
+        examples, _ = data_lib.tokenize(restate, tok, 10 ** 6)
+        for ex, f, s in zip(examples, finals, restate, strict=True):
+            assert ex.tokens[-1] == tok.eos_token_id and ex.tokens[:-1].tolist() == f
+            assert [r for _, _, r in s.segments] == [False, False, False, True, False, True]
+            tasks = [i for _, i, _ in s.segments]
+            assert tasks[2:4] == [tasks[0]] * 2 and tasks[4:] == [tasks[1]] * 2 and tasks[0] != tasks[1]
+            # each answer token carries its sub-question's task
+            labels = ex.task_ids[ex.response]
+            assert set(labels[:-1].tolist()) == {tasks[0], tasks[1]} and labels[-1] == tasks[1]
+    with pytest.raises(ValueError, match="composite layout must be one of"):
+        data_lib.composite(samples, 2, 1, seed=0, layout="both")
+
+
 def test_cli_no_single_scores_only_the_composite_files(tiny):
     root, tok, names, test = tiny
     out = root / "composite_only.json"

@@ -276,6 +276,41 @@ def test_composite_labels_each_sub_task(setup):
     assert composite(samples, 3, 5, seed=1) == comp  # seeded
 
 
+def test_composite_mix_adds_seeded_composites_of_each_size(setup, tmp_path, capsys):
+    from meteora_jax.train import composite_samples
+
+    singles = load_tasks(setup / "data", tuple(VOCAB), "train", "{prompt}")
+    cfg = _cfg(setup, tmp_path / "run", composite_mix=0.25, composite_sizes="3,2")
+    comp = composite_samples(singles, cfg)
+    assert len(comp) == round(0.25 * len(singles))
+    sizes = [len(s.segments) // 3 for s in comp]  # restate: n questions, then n (question, answer) pairs
+    assert all(len(s.segments) % 3 == 0 for s in comp) and sorted(set(sizes)) == [2, 3]
+    assert abs(sizes.count(2) - sizes.count(3)) <= 1
+    for s in comp:
+        n = len(s.segments) // 3
+        assert len(set(s.tasks)) == n and [r for _, _, r in s.segments] == [False] * (n + 1) + [True, False] * (
+            n - 1) + [True]
+    assert composite_samples(singles, cfg) == comp  # seeded
+    assert composite_samples(singles, _cfg(setup, tmp_path / "r", composite_mix=0.25, seed=1)) != comp
+    assert composite_samples(singles, _cfg(setup, tmp_path / "r", composite_mix=0)) == []
+    answers = composite_samples(singles, _cfg(setup, tmp_path / "r", composite_mix=0.1, composite_layout="answers"))
+    assert all([r for _, _, r in s.segments] == [False] * (len(s.segments) // 2) + [True] * (len(s.segments) // 2)
+               for s in answers)
+    for kw, msg in [(dict(composite_mix=-1), "--composite-mix must be >= 0"),
+                    (dict(composite_mix=0.1, composite_sizes="1,2"), "--composite-sizes: expected"),
+                    (dict(composite_mix=0.1, composite_sizes="x"), "--composite-sizes: expected"),
+                    (dict(composite_mix=0.1, composite_sizes="5"), "--composite-sizes 5: composite-5 needs samples "
+                                                                   "of at least 5 tasks, got 4"),
+                    (dict(composite_mix=0.1, composite_layout="free"), "--composite-layout must be one of")]:
+        with pytest.raises(SystemExit, match=msg):
+            composite_samples(singles, _cfg(setup, tmp_path / "r", **kw))
+    # a run with the mix trains on them (its batches hold sequences longer than any single sample)
+    capsys.readouterr()
+    out = train(_cfg(setup, tmp_path / "mixed", composite_mix=0.5, steps=2, max_len=64, buckets="8,64"))
+    assert "composite samples (n in [2, 3], layout restate) added" in capsys.readouterr().out
+    assert Path(out["final_checkpoint"]).exists()
+
+
 def test_jax_is_deterministic_here():
     # the resume test relies on identical steps giving identical numbers on this backend
     x = jax.random.normal(jax.random.key(0), (64, 64))

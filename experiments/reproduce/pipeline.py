@@ -127,6 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("--gate-steps", type=int, help="gate training steps (1500; tiny 2)")
     p.add_argument("--gate-batch", type=int, help="gate training batch (16; tiny 2)")
     p.add_argument("--gate-lr", type=float, default=2e-3, help="peak gate learning rate (2e-3)")
+    p.add_argument("--gate-from", help="MeteoRA checkpoint the gate training starts from (default: WORK/ckpt/meteora, "
+                                       "untrained gates); e.g. WORK/runs/gates/final to go on from trained gates")
+    p.add_argument("--gate-composite-mix", type=float, default=0.0,
+                   help="composite-style training samples per single one in gate training (train --composite-mix; "
+                        "built from the train split, layout restate)")
+    p.add_argument("--gate-composite-sizes", default="2,3", help="their sizes n (train --composite-sizes; 2,3)")
+    p.add_argument("--gate-max-len", type=int, help="longest gate training sample in tokens (512)")
+    p.add_argument("--gate-tag", default="",
+                   help="a second set of gates: trained into WORK/runs/gates_TAG, evaluated by eval_top1/eval_top2 "
+                        "into results/meteora_top{1,2}_TAG*.json (default: WORK/runs/gates)")
     p.add_argument("--limit", type=int, help="test prompts per task / composite file in the evaluations (all)")
     p.add_argument("--batch-size", type=int, default=32, help="generation batch in the evaluations (32)")
     p.add_argument("--eos-token-id", type=int,
@@ -136,6 +146,8 @@ def main(argv=None) -> int:
                    help="how the evaluations answer composite problems (meteora_jax.evaluate --composite-mode)")
     p.add_argument("--composite-only", action="store_true",
                    help="evaluations of the composite files only (no single tasks, no routing accuracy)")
+    p.add_argument("--no-composite", action="store_true",
+                   help="evaluations of the single tasks only (no composite files)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
     p.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -151,7 +163,11 @@ def main(argv=None) -> int:
     limit = ["--limit", str(a.limit)] if a.limit else z["limit"]
     py, r = sys.executable, Runner(work, a.force, a.dry_run)
     data, base, res = work / "data", work / "base", work / "results"
-    meteora, lora_b, final = work / "ckpt" / "meteora", work / "ckpt" / "lora_b", work / "runs" / "gates" / "final"
+    tag = f"_{a.gate_tag}" if a.gate_tag else ""
+    if tag and not tag[1:].replace("-", "").isalnum():
+        raise SystemExit(f"error: --gate-tag must be letters, digits and '-', got {a.gate_tag!r}")
+    gate_run = work / "runs" / f"gates{tag}"
+    meteora, lora_b, final = work / "ckpt" / "meteora", work / "ckpt" / "lora_b", gate_run / "final"
     comps = [str(c) for c in sorted((data / "composite").glob("composite_*.jsonl"),
                                     key=lambda c: int(c.stem.split("_")[1]))] if (data / "composite").exists() else []
     names = tasks or sorted(q.name for q in (data / "tasks").glob("*") if q.is_dir())
@@ -160,6 +176,9 @@ def main(argv=None) -> int:
                 "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit, *eos,
                 "--composite-mode", a.composite_mode,
                 *(["--no-single", "--no-routing-accuracy"] if a.composite_only else [])]
+    if a.no_composite and a.composite_only:
+        raise SystemExit("error: --no-composite and --composite-only exclude each other")
+    composite = lambda: [] if a.no_composite or not comps else ["--composite", *comps]  # noqa: E731
     sfx = "" if a.composite_mode == "stepwise" else f"_{a.composite_mode}"  # result files of other modes beside
     for stage in stages:
         if stage == "data" and a.data_from:
@@ -200,11 +219,13 @@ def main(argv=None) -> int:
             r.run(stage, [py, "-m", "convert", "adapters", "--base", base, "--adapters", work / "adapters_b" / "lora_b",
                           "--out", lora_b, "--top-k", "1"], lora_b)
         elif stage == "gates":
-            r.run(stage, [py, "-m", "meteora_jax.train", "--checkpoint", meteora, "--tokenizer", base, "--data",
-                          data / "tasks", "--run-dir", work / "runs" / "gates", "--steps",
+            mix = (["--composite-mix", str(a.gate_composite_mix), "--composite-sizes", a.gate_composite_sizes]
+                   if a.gate_composite_mix else [])
+            r.run(stage, [py, "-m", "meteora_jax.train", "--checkpoint", a.gate_from or meteora, "--tokenizer", base,
+                          "--data", data / "tasks", "--run-dir", gate_run, "--steps",
                           str(a.gate_steps or z["gate_steps"]), "--batch-size",
-                          str(a.gate_batch or z["gate_batch"]), "--lr", str(a.gate_lr), "--max-len", str(z["max_len"]),
-                          "--buckets", "128,256,512",
+                          str(a.gate_batch or z["gate_batch"]), "--lr", str(a.gate_lr), "--max-len",
+                          str(a.gate_max_len or z["max_len"]), "--buckets", "128,256,512", *mix,
                           "--eval-every", "100", "--save-every", "100", "--overwrite", "--no-progress", *eos], final)
         elif stage == "check":
             t = a.check_task or names[0]
@@ -212,23 +233,25 @@ def main(argv=None) -> int:
                           "--checkpoint", meteora, "--data", data / "tasks", "--task", t, "--out",
                           res / "crosscheck.json", "--n", "2" if a.tiny else "4"], res / "crosscheck.json")
         elif stage == "eval_base":
-            r.run(stage, [*evaluate, "--checkpoint", meteora, "--no-adapters", "--composite", *comps,
+            r.run(stage, [*evaluate, "--checkpoint", meteora, "--no-adapters", *composite(),
                           "--label", f"base{sfx}", "--out", res / f"base{sfx}.json"], res / f"base{sfx}.json")
         elif stage == "eval_oracle":
             r.run(stage, [*evaluate, "--checkpoint", meteora, "--oracle", "--label", "oracle",
                           "--out", res / "oracle.json"], res / "oracle.json")
         elif stage == "eval_lora_b":
-            r.run(stage, [*evaluate, "--checkpoint", lora_b, "--forced-expert", "lora_b", "--composite", *comps,
+            r.run(stage, [*evaluate, "--checkpoint", lora_b, "--forced-expert", "lora_b", *composite(),
                           "--label", f"lora_b{sfx}", "--out", res / f"lora_b{sfx}.json"], res / f"lora_b{sfx}.json")
         elif stage == "eval_top1":
-            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "1", "--composite", *comps,
-                          "--label", f"meteora_top1{sfx}", "--out", res / f"meteora_top1{sfx}.json"],
-                  res / f"meteora_top1{sfx}.json")
+            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "1", *composite(),
+                          "--label", f"meteora_top1{tag}{sfx}", "--out", res / f"meteora_top1{tag}{sfx}.json"],
+                  res / f"meteora_top1{tag}{sfx}.json")
         elif stage == "eval_top2":
-            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "2", "--composite", *comps,
-                          "--composite-temperature", COMPOSITE_T, "--trace-png", res / f"routing_composite{sfx}.png",
-                          "--label", f"meteora_top2{sfx}", "--out", res / f"meteora_top2{sfx}.json", "--overwrite"],
-                  res / f"meteora_top2{sfx}.json")
+            r.run(stage, [*evaluate, "--checkpoint", final, "--top-k", "2", *composite(),
+                          "--composite-temperature", COMPOSITE_T,
+                          *(["--trace-png", res / f"routing_composite{tag}{sfx}.png"] if composite() else []),
+                          "--label", f"meteora_top2{tag}{sfx}",
+                          "--out", res / f"meteora_top2{tag}{sfx}.json", "--overwrite"],
+                  res / f"meteora_top2{tag}{sfx}.json")
         elif stage == "report":
             r.run(stage, [py, HERE / "make_report.py", "--results", res, "--commands", work / "commands.jsonl",
                           "--out", res / "REPRODUCTION.md", *(["--toy"] if a.tiny else [])], None)
