@@ -149,11 +149,12 @@ class Answerer:
     whatever its budget, so budgets of different tasks and sub-questions share one compiled program per
     (batch, prompt length) bucket; the loop still stops at the budget (None: the buffer follows each budget)."""
 
-    def __init__(self, model: Llama, tokenizer, batch_size: int, max_new_cap: int | None = None):
+    def __init__(self, model: Llama, tokenizer, batch_size: int, max_new_cap: int | None = None,
+                 min_new_tokens: int = 0):
         from meteora_jax import generate as gen
 
         self.gen, self.model, self.tok, self.batch_size = gen, model, tokenizer, batch_size
-        self.max_new_cap = max_new_cap
+        self.max_new_cap, self.min_new_tokens = max_new_cap, min_new_tokens
         eos = set(gen.default_eos(model))
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -180,7 +181,7 @@ class Answerer:
                            + self.gen.bucket(max(budget, self.max_new_cap)))
             res = self.gen.generate(self.model, [prompts[i] for i in idx], max_new_tokens=budget,
                                     eos_token_ids=self.eos, stop_token_ids=stop_tokens, stop_sequences=stop_seqs,
-                                    max_len=max_len)
+                                    max_len=max_len, min_new_tokens=self.min_new_tokens)
             for i, toks in zip(idx, res.tokens, strict=True):
                 text = self.tok.decode(toks[:budgets[i]], skip_special_tokens=True)
                 out[i] = (text.split("\n", 1)[0] if one_line else text).strip()
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation")
     e.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch (32)")
     e.add_argument("--max-new-tokens", type=int, default=128, help="cap of the per-task answer budget (128)")
+    e.add_argument("--min-new-tokens", type=int, default=0,
+                   help="no EOS (nor, in composite answers, a line break) among an answer's first N tokens: every "
+                        "answer is attempted (transformers' min_new_tokens; default 0: off)")
     e.add_argument("--no-routing-accuracy", action="store_true", help="skip the teacher-forced routing accuracy")
     e.add_argument("--trace-png", help="routing picture of the first sample of the first composite file")
     o = p.add_argument_group("output")
@@ -476,12 +480,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {e} of {path}") from None
     names = model.meteora_config.expert_names if isinstance(model, MeteoraLlama) else ()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens)
+    if args.min_new_tokens < 0:
+        raise SystemExit(f"error: --min-new-tokens must be >= 0, got {args.min_new_tokens}")
+    answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     result = {"label": args.label or Path(args.out).stem, "command": ["python", "-m", "meteora_jax.evaluate",
                                                                       *(sys.argv[1:] if argv is None else argv)],
               "model": _model_info(model, args), "data": args.data, "split": args.split,
               "protocol": {"decoding": "greedy", "max_new_tokens_cap": args.max_new_tokens, "limit": args.limit,
                            "composite_mode": args.composite_mode, "oracle": args.oracle,
+                           "min_new_tokens": args.min_new_tokens,
                            "eos_token_id": tok.eos_token_id, "stop_token_ids": answer.eos},
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
               "tasks": {}, "composite": {}, "routing": None, "predictions": {}}

@@ -91,6 +91,7 @@ class _Static(NamedTuple):  # compile-time options (part of the jit cache key)
     stream: bool
     buffer: int  # N: generated-token buffer
     cache_len: int  # S
+    min_new: bool = False  # EOS / stop tokens are masked while fewer than `min_new` tokens were generated
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -146,12 +147,21 @@ def _push(recent: jax.Array, tok: jax.Array) -> jax.Array:
     return jnp.concatenate([recent[:, 1:], tok[:, None]], axis=1)
 
 
+def _mask_stops(logits: jax.Array, rule: _StopRule, on: jax.Array) -> jax.Array:
+    """`logits [B, V]` with the EOS / stop tokens at -inf where `on` (the `min_new_tokens` rule)."""
+    return jnp.where(on & rule.token_mask, -jnp.inf, logits)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "static"))
-def _prefill(graphdef, state, tokens, mask, key, temperature, top_p, rule, max_new, *, static: _Static):
+def _prefill(graphdef, state, tokens, mask, key, temperature, top_p, rule, max_new, min_new, *,
+             static: _Static):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model.config, tokens.shape[0], static.cache_len)
     out = model(tokens, mask, cache=cache)
-    first = sample_tokens(out.logits[:, -1], jax.random.fold_in(key, 0), temperature, top_p, greedy=static.greedy,
+    logits = out.logits[:, -1]
+    if static.min_new:
+        logits = _mask_stops(logits, rule, 0 < min_new)
+    first = sample_tokens(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=static.greedy,
                           top_k=static.top_k, use_top_p=static.use_top_p)
     recent = _push(jnp.full((tokens.shape[0], rule.seqs.shape[1]), -2, jnp.int32), first)
     done = _is_stop(rule, first, recent) | (max_new <= 1) | ~jnp.any(mask, axis=-1)
@@ -171,7 +181,7 @@ def _stream_sink(step, tokens, active):
 
 @partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache: KVCache, first, done, recent, key, temperature, top_p, rule, max_new, pad_id,
-            *, static: _Static):
+            min_new, *, static: _Static):
     model = nnx.merge(graphdef, state)
     b, n = first.shape[0], static.buffer
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
@@ -194,7 +204,10 @@ def _decode(graphdef, state, cache: KVCache, first, done, recent, key, temperatu
             e, w = _routing_arrays(res.aux)
             trace = (jax.lax.dynamic_update_slice(trace[0], e, (0, i, 0, 0, 0)),
                      jax.lax.dynamic_update_slice(trace[1], w, (0, i, 0, 0, 0)))
-        nxt = sample_tokens(res.logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_p,
+        logits = res.logits[:, 0]
+        if static.min_new:
+            logits = _mask_stops(logits, rule, i + 1 < min_new)
+        nxt = sample_tokens(logits, jax.random.fold_in(key, i + 1), temperature, top_p,
                             greedy=static.greedy, top_k=static.top_k, use_top_p=static.use_top_p)
         nxt = jnp.where(done, pad_id, nxt)
         if static.stream:
@@ -273,22 +286,26 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
              stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), trace: bool = False,
              on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-             max_len: int | None = None, mesh=None) -> Generation:
+             max_len: int | None = None, min_new_tokens: int = 0, mesh=None) -> Generation:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
 
     `eos_token_ids` default to the config's. `stop_token_ids`: more tokens that end a row (kept in the
     output, like EOS). `stop_sequences`: token sequences that end a row once generated. `max_len`: KV cache
     slots (default: prompt and new-token buckets); a prompt that does not fit raises before any compute.
+    `min_new_tokens`: no EOS or stop token (`stop_token_ids`) among a row's first that many new tokens (their
+    logits are masked, as transformers' `min_new_tokens` does for EOS); stop sequences still apply.
     `on_token(step, tokens [B], active [B])` streams each step's tokens (B includes padding rows).
     `mesh`: a `jax.sharding.Mesh` (`meteora_jax.sharding.make_mesh`) to run on several devices: weights
     split by `meteora_jax.sharding`'s rules (tensor parallel on the `tensor` axis), the batch over data and
     fsdp when it divides, else replicated.
     """
     tokens, mask, tp, buf = prepare(model, prompts, max_new_tokens, max_len)
+    if min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
     if trace and not _has_routing(model):
         raise ValueError("trace=True needs a MeteoraLlama with adapters enabled (this model has no routing)")
     static = _Static(sampling.temperature == 0, sampling.top_k, sampling.top_p < 1, trace, on_token is not None,
-                     buf, tp + buf)
+                     buf, tp + buf, min_new_tokens > 0)
     eos = default_eos(model) if eos_token_ids is None else tuple(eos_token_ids)
     rule = _stop_rule(model.config.vocab_size, eos, stop_token_ids, stop_sequences)
     graphdef, state = nnx.split(model)
@@ -298,10 +315,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     key = jax.random.key(sampling.seed)
     temp, top_p = jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p)
     pad_id = jnp.int32(model.config.pad_token_id if model.config.pad_token_id is not None else (eos or (0,))[0])
-    max_new = jnp.int32(max_new_tokens)
+    max_new, min_new = jnp.int32(max_new_tokens), jnp.int32(min_new_tokens)
     t0 = time.perf_counter()
     first, done, recent, cache, ptrace = _prefill(graphdef, state, tokens, mask, key, temp,
-                                                  top_p, rule, max_new, static=static)
+                                                  top_p, rule, max_new, min_new, static=static)
     jax.block_until_ready(first)
     with _STREAM_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
@@ -311,7 +328,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         t1 = time.perf_counter()
         try:
             out, lengths, gtrace, steps = _decode(graphdef, state, cache, first, done, recent, key, temp, top_p,
-                                                  rule, max_new, pad_id, static=static)
+                                                  rule, max_new, pad_id, min_new, static=static)
             out, lengths = np.asarray(out), np.asarray(lengths)
             if on_token is not None:
                 jax.effects_barrier()
@@ -445,6 +462,8 @@ def build_parser():
     t.add_argument("--system", help="system message for the chat template")
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per prompt (128)")
+    g.add_argument("--min-new-tokens", type=int, default=0,
+                   help="no EOS among a prompt's first N new tokens (nor a --stop string's tokens); default 0")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = off")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
@@ -556,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = generate_text(model, tok, prompts, chat=args.chat, system=args.system, stop_strings=args.stop,
                             max_new_tokens=args.max_new_tokens, sampling=sampling, trace=want_trace,
-                            on_token=on_token, max_len=args.max_len, mesh=mesh)
+                            on_token=on_token, max_len=args.max_len, min_new_tokens=args.min_new_tokens, mesh=mesh)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.stream:

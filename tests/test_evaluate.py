@@ -500,6 +500,27 @@ def test_restate_training_layout_is_the_restate_evaluation_context(tiny):
         data_lib.composite(samples, 2, 1, seed=0, layout="both")
 
 
+def test_min_new_tokens_makes_every_answer_start(tiny):
+    """An answer whose first token would be EOS is empty; with min_new_tokens it is the generation with EOS masked
+    for those tokens (generate's rule, checked against transformers in test_generate)."""
+    from meteora_jax import generate as gen
+
+    root, tok, names, test = tiny
+    model = checkpoint.load(root / "ckpt")
+    ids = [_prompt(tok, r["prompt"]) for r in test["digits"]]
+    firsts = [gen.generate(model, [i], max_new_tokens=1, eos_token_ids=[]).tokens[0][0] for i in ids]
+    for m in (0, 1, 3):
+        answer = evaluate.Answerer(model, tok, 4, min_new_tokens=m)
+        answer.eos = sorted({*answer.eos, firsts[0]})  # the first prompt's first token now ends it
+        got = answer(ids, 6)
+        for i, text in zip(ids, got, strict=True):
+            toks = gen.generate(model, [i], max_new_tokens=6, eos_token_ids=answer.eos, min_new_tokens=m).tokens[0]
+            assert text == tok.decode(toks, skip_special_tokens=True).strip()
+            assert not set(answer.eos) & set(toks[:m])
+        if m == 0:  # stopped at once
+            assert got[0] == tok.decode([firsts[0]], skip_special_tokens=True).strip()
+
+
 def test_cli_no_single_scores_only_the_composite_files(tiny):
     root, tok, names, test = tiny
     out = root / "composite_only.json"

@@ -210,6 +210,41 @@ def test_eos_and_stop_sequences(tiny_llama3):
     assert gen.generate(model, PROMPTS, max_new_tokens=3, eos_token_ids=[]).tokens == [r[:3] for r in free]
 
 
+def test_min_new_tokens_equals_transformers(tiny_llama3):
+    """EOS and stop tokens are masked for the first `min_new_tokens` new tokens: the same tokens as transformers'
+    greedy `generate(min_new_tokens=...)` with both as its EOS ids, in one left-padded batch."""
+    import torch
+
+    model, hf, _ = tiny_llama3
+    n = 10
+    free = gen.generate(model, PROMPTS, max_new_tokens=n, eos_token_ids=[]).tokens
+    eos, stop = free[0][1], free[1][2]  # tokens the rows would stop at early
+    for m in (0, 1, 3, 6):
+        got = gen.generate(model, PROMPTS, max_new_tokens=n, eos_token_ids=[eos], stop_token_ids=[stop],
+                           min_new_tokens=m)
+        for p, toks in zip(PROMPTS, got.tokens, strict=True):
+            ids = torch.tensor([p])
+            with torch.no_grad():
+                ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=m,
+                                  do_sample=False, eos_token_id=[eos, stop], pad_token_id=eos)[0, len(p):].tolist()
+            while len(ref) > 1 and ref[-1] == eos and ref[-2] in (eos, stop):  # transformers pads a finished row
+                ref = ref[:-1]
+            assert toks == ref, (m, p)
+            assert not {eos, stop} & set(toks[:m])
+        if m == 0:  # without the rule, row 0 stops early
+            assert got.tokens[0][-1] in (eos, stop) and len(got.tokens[0]) <= 2
+    # the boundary: EOS may be new token m + 1 (index m), not token m (index m - 1); a model that does not repeat
+    model = random_meteora(model, seed=3, top_k=2, temperature=3.0)
+    row = gen.generate(model, PROMPTS[:1], max_new_tokens=n, eos_token_ids=[]).tokens[0]
+    m = next(j for j in range(2, n) if row[j] not in row[:j] and row[j - 1] not in row[:j - 1])
+    assert gen.generate(model, PROMPTS[:1], max_new_tokens=n, eos_token_ids=[row[m]], min_new_tokens=m
+                        ).tokens[0] == row[:m + 1]
+    masked = gen.generate(model, PROMPTS[:1], max_new_tokens=n, eos_token_ids=[row[m - 1]], min_new_tokens=m)
+    assert masked.tokens[0][:m - 1] == row[:m - 1] and masked.tokens[0][m - 1] != row[m - 1]
+    with pytest.raises(ValueError, match="min_new_tokens must be >= 0"):
+        gen.generate(model, PROMPTS, max_new_tokens=4, min_new_tokens=-1)
+
+
 def test_sampling_reproducible_and_greedy_limits(tiny_llama3):
     model = random_meteora(tiny_llama3[0], top_k=1)
     s = gen.Sampling(temperature=1.5, top_k=50, top_p=0.95, seed=4)

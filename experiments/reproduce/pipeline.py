@@ -146,6 +146,9 @@ def main(argv=None) -> int:
                    help="how the evaluations answer composite problems (meteora_jax.evaluate --composite-mode)")
     p.add_argument("--composite-only", action="store_true",
                    help="evaluations of the composite files only (no single tasks, no routing accuracy)")
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="evaluate --min-new-tokens: no EOS / line break among an answer's first N tokens (results "
+                        "named *_minN)")
     p.add_argument("--no-composite", action="store_true",
                    help="evaluations of the single tasks only (no composite files)")
     p.add_argument("--check-task", help="task of the PEFT cross-check (default: the first)")
@@ -175,11 +178,13 @@ def main(argv=None) -> int:
     evaluate = [py, "-m", "meteora_jax.evaluate", "--tokenizer", base, "--data", data / "tasks",
                 "--batch-size", str(a.batch_size), "--max-new-tokens", str(z["max_new"]), *limit, *eos,
                 "--composite-mode", a.composite_mode,
+                *(["--min-new-tokens", str(a.min_new_tokens)] if a.min_new_tokens else []),
                 *(["--no-single", "--no-routing-accuracy"] if a.composite_only else [])]
     if a.no_composite and a.composite_only:
         raise SystemExit("error: --no-composite and --composite-only exclude each other")
     composite = lambda: [] if a.no_composite or not comps else ["--composite", *comps]  # noqa: E731
-    sfx = "" if a.composite_mode == "stepwise" else f"_{a.composite_mode}"  # result files of other modes beside
+    sfx = ("" if a.composite_mode == "stepwise" else f"_{a.composite_mode}") + (
+        f"_min{a.min_new_tokens}" if a.min_new_tokens else "")  # result files of other modes beside
     for stage in stages:
         if stage == "data" and a.data_from:
             if data.exists() and not a.force:
