@@ -274,7 +274,10 @@ def prepare_run_dir(cfg: TrainConfig, check_only: bool = False) -> Path:
         if not saved.exists():
             raise SystemExit(f"error: --resume: {saved} not found (nothing to resume)")
         old = json.loads(saved.read_text())
-        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v and k != "steps"}
+        # a key the saved run lacks (written by an older version) counts as that option's default
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        diff = {k: (old.get(k, defaults[k]), v) for k, v in mine.items()
+                if old.get(k, defaults[k]) != v and k != "steps"}
         if diff:
             raise SystemExit(f"error: --resume with options that differ from {saved}: {diff}")
     elif run_dir.exists() and any(run_dir.iterdir()):

@@ -311,6 +311,21 @@ def test_composite_mix_adds_seeded_composites_of_each_size(setup, tmp_path, caps
     assert Path(out["final_checkpoint"]).exists()
 
 
+def test_resume_a_run_saved_before_an_option_existed(setup, tmp_path):
+    """A config.json without a newer option (here the composite ones) resumes when that option keeps its default,
+    and refuses when it is changed."""
+    run = tmp_path / "run"
+    train(_cfg(setup, run, steps=2))
+    saved = json.loads((run / "config.json").read_text())
+    for k in ("composite_mix", "composite_sizes", "composite_layout"):
+        del saved[k]
+    (run / "config.json").write_text(json.dumps(saved))
+    out = train(_cfg(setup, run, steps=3, resume=True))
+    assert out["last"]["step"] == 3
+    with pytest.raises(SystemExit, match="composite_mix"):
+        train(_cfg(setup, run, steps=4, resume=True, composite_mix=0.5))
+
+
 def test_jax_is_deterministic_here():
     # the resume test relies on identical steps giving identical numbers on this backend
     x = jax.random.normal(jax.random.key(0), (64, 64))
