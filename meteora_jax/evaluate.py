@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: give --data and/or --composite")
     if args.no_single and not args.composite:
         raise SystemExit("error: --no-single evaluates only --composite files; give some")
+    if args.min_new_tokens < 0:
+        raise SystemExit(f"error: --min-new-tokens must be >= 0, got {args.min_new_tokens}")
     if args.oracle and (args.composite or args.forced_expert is not None):
         raise SystemExit("error: --oracle answers each single task with its own expert; not with --composite or "
                          "--forced-expert")
@@ -480,8 +482,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {e} of {path}") from None
     names = model.meteora_config.expert_names if isinstance(model, MeteoraLlama) else ()
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    if args.min_new_tokens < 0:
-        raise SystemExit(f"error: --min-new-tokens must be >= 0, got {args.min_new_tokens}")
     answer = Answerer(model, tok, args.batch_size, max_new_cap=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     result = {"label": args.label or Path(args.out).stem, "command": ["python", "-m", "meteora_jax.evaluate",
                                                                       *(sys.argv[1:] if argv is None else argv)],

@@ -146,7 +146,6 @@ class PackedProjection(nnx.Module):
             self.set_routing_from(config)
 
     def __call__(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, Any]]:
-
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in).astype(self.dtype)
         n = xf.shape[0]
