@@ -228,13 +228,25 @@ COMPOSITE_MODES = ("stepwise", "restate", "free")
 
 
 def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict], names: Sequence[str],
-                       max_new_cap: int, mode: str = "stepwise") -> tuple[dict, list[dict], list[list[int]]]:
-    """(scores, predictions, final token ids per sample) of one composite set."""
+                       max_new_cap: int, mode: str = "stepwise",
+                       oracle: bool = False) -> tuple[dict, list[dict], list[list[int]]]:
+    """(scores, predictions, final token ids per sample) of one composite set.
+
+    `oracle` (stepwise / restate only): answer k of every sample is generated with the expert named like its
+    sub-task forced for the whole sequence (one LoRA per sub-question, as if the task were known); the model's
+    routing is left automatic afterwards."""
     if mode not in COMPOSITE_MODES:
         raise ValueError(f"composite mode must be one of {COMPOSITE_MODES}, got {mode!r}")
     n = len(rows[0]["sub_tasks"])
     if any(len(r["sub_tasks"]) != n for r in rows):
         raise data_lib.DataError("a composite file mixes sizes n")
+    index = {name: i for i, name in enumerate(names)}
+    if oracle:
+        if mode == "free":
+            raise ValueError("the composite oracle answers one sub-question at a time: use mode stepwise or restate")
+        missing = sorted({t for r in rows for t in r["sub_tasks"]} - set(index))
+        if missing:
+            raise ValueError(f"oracle: sub-tasks {missing} have no expert of that name (experts: {list(names)})")
     budgets = {}
     for r in rows:
         for task, refs in zip(r["sub_tasks"], r["references"], strict=True):
@@ -253,7 +265,19 @@ def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict
                 marker = qs[k] if mode == "restate" else f"{k + 1}."
                 marker = ("" if k == 0 and mode == "stepwise" else "\n") + marker
                 f.extend(answer.tok(marker, add_special_tokens=False)["input_ids"])
-            got = answer(finals, [budgets[r["sub_tasks"][k]] for r in rows], one_line=True)
+            if oracle:  # one forced expert per sub-task at position k
+                got = [""] * len(rows)
+                for task in sorted({r["sub_tasks"][k] for r in rows}):
+                    idx = [i for i, r in enumerate(rows) if r["sub_tasks"][k] == task]
+                    set_routing(answer.model, forced_expert=index[task])
+                    try:
+                        texts_k = answer([finals[i] for i in idx], budgets[task], one_line=True)
+                    finally:
+                        set_routing(answer.model, forced_expert=None)
+                    for i, t in zip(idx, texts_k, strict=True):
+                        got[i] = t
+            else:
+                got = answer(finals, [budgets[r["sub_tasks"][k]] for r in rows], one_line=True)
             for f, a, g in zip(finals, answers, got, strict=True):
                 a.append(g)
                 if g:
@@ -267,7 +291,7 @@ def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict
             d["preds"].append(pred)
             d["refs"].append(refs)
             d["choices"].append(ch)
-    scores = {"n": n, "samples": len(rows), "mode": mode,
+    scores = {"n": n, "samples": len(rows), "mode": mode, "oracle": oracle,
               "attempted": float(np.mean([sum(bool(a) for a in p) for p in parsed])), "per_task": {}}
     for task in sorted(per_task):
         d = per_task[task]
@@ -454,9 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --no-single evaluates only --composite files; give some")
     if args.min_new_tokens < 0:
         raise SystemExit(f"error: --min-new-tokens must be >= 0, got {args.min_new_tokens}")
-    if args.oracle and (args.composite or args.forced_expert is not None):
-        raise SystemExit("error: --oracle answers each single task with its own expert; not with --composite or "
-                         "--forced-expert")
+    if args.oracle and args.forced_expert is not None:
+        raise SystemExit("error: --oracle forces each task's own expert; not with --forced-expert")
+    if args.oracle and args.composite and args.composite_mode == "free":
+        raise SystemExit("error: --oracle on --composite answers one sub-question at a time: use "
+                         "--composite-mode stepwise or restate, not free")
     t_start = time.perf_counter()
     try:
         rows = read_task_rows(args.data, args.split, args.tasks, args.limit) if args.data and not args.no_single else {}
@@ -509,13 +535,16 @@ def main(argv: list[str] | None = None) -> int:
         if n in temps and isinstance(model, MeteoraLlama):
             set_routing(model, temperature=temps[n])
         key = Path(file).stem
-        scores, preds, finals = evaluate_composite(answer, crow, specs, names, args.max_new_tokens,
-                                                   args.composite_mode)
+        try:
+            scores, preds, finals = evaluate_composite(answer, crow, specs, names, args.max_new_tokens,
+                                                       args.composite_mode, oracle=args.oracle)
+        except ValueError as e:
+            raise SystemExit(f"error: {file}: {e}") from None
         scores["temperature"] = model.meteora_config.temperature if isinstance(model, MeteoraLlama) else None
-        if has_auto_routing(model) and not args.no_routing_accuracy:
+        if has_auto_routing(model) and not args.no_routing_accuracy and not args.oracle:
             scores["routing"] = routing_accuracy(model, encode([composite_sample(r, names) for r in crow], tok),
                                                  names, args.batch_size, pad)
-        if i == 0 and args.trace_png:
+        if i == 0 and args.trace_png and not args.oracle:
             if not has_auto_routing(model):
                 raise SystemExit("error: --trace-png needs a MeteoRA model with automatic routing")
             plen = len(prompt_ids(encode([composite_sample(crow[0], names)], tok))[0])

@@ -366,7 +366,9 @@ def test_cli_errors(tiny, tmp_path, capsys):
     cases = [
         (["--out", str(tmp_path / "exists.json")], "already exists"),
         (["--out", str(tmp_path / "o.json"), "--composite-temperature", "3:15"], "expected N=T pairs"),
-        (["--out", str(tmp_path / "o.json"), "--oracle", "--composite", str(root / "composite_2.jsonl")], "--oracle"),
+        (["--out", str(tmp_path / "o.json"), "--oracle", "--composite", str(root / "composite_2.jsonl"),
+          "--composite-mode", "free"], "--oracle on --composite answers one sub-question at a time"),
+        (["--out", str(tmp_path / "o.json"), "--oracle", "--forced-expert", "0"], "not with --forced-expert"),
         (["--out", str(tmp_path / "o.json"), "--tasks", "nope"], r"no folder for task\(s\) \['nope'\]"),
         (["--out", str(tmp_path / "o.json"), "--forced-expert", "nope"], "not an expert name or index"),
     ]
@@ -462,6 +464,48 @@ def test_restate_composite_asks_each_sub_question_again(tiny):
     assert any(any(a) for a in (p["answers"] for p in preds))  # answers were generated at all
 
 
+def test_composite_oracle_forces_each_sub_questions_expert(tiny):
+    """`oracle=True`: answer k of each sample is what the model says with that sub-task's expert forced, in the
+    restate context built from the oracle's own earlier answers; samples whose k-th sub-tasks differ are answered
+    with different experts in the same step. The routing is automatic again afterwards."""
+    root, tok, names, test = tiny
+    model = checkpoint.load(root / "ckpt")
+    rows = evaluate.read_composite(root / "composite_2.jsonl")
+    a, b = test["digits"][2], test["colour"][2]  # a third sample, sub-tasks in the other order
+    segs = [(f"1. [INST] {a['prompt']} [/INST]", "digits", False), (f"\n2. [INST] {b['prompt']} [/INST]", "colour",
+                                                                     False)]
+    rows.append({"segments": segs, "references": [[a["response"]], [b["response"]]], "choices": [None, b["choices"]],
+                 "sub_tasks": ["digits", "colour"]})
+    answer = evaluate.Answerer(model, tok, 4)
+    scores, preds, finals = evaluate.evaluate_composite(answer, rows, {}, names, 6, mode="restate", oracle=True)
+    assert scores["oracle"] and model.meteora_config.forced_expert is None
+    budgets = {}
+    for task in names:
+        refs = [r["references"][r["sub_tasks"].index(task)] for r in rows]
+        budgets[task] = evaluate.answer_budget(tok, refs, 6)
+    differs = 0
+    for r, p, f in zip(rows, preds, finals, strict=True):
+        qs = [t.strip() for t, _, _ in r["segments"]]
+        ids = [tok.bos_token_id] + tok(qs[0], add_special_tokens=False)["input_ids"] \
+            + tok("\n" + qs[1], add_special_tokens=False)["input_ids"]
+        want = []
+        for k, task in enumerate(r["sub_tasks"]):
+            ids = ids + tok("\n" + qs[k], add_special_tokens=False)["input_ids"]
+            got = _answer_alone(set_routing(model, forced_expert=names.index(task)), tok, ids, budgets[task],
+                                one_line=True)
+            auto = _answer_alone(set_routing(model, forced_expert=None), tok, ids, budgets[task], one_line=True)
+            differs += got != auto
+            want.append(got)
+            if got:
+                ids = ids + tok(" " + got, add_special_tokens=False)["input_ids"]
+        assert p["answers"] == want and f == ids
+    assert differs  # forcing the expert changed some answer: the check above can tell the two apart
+    with pytest.raises(ValueError, match="one sub-question at a time"):
+        evaluate.evaluate_composite(answer, rows, {}, names, 6, mode="free", oracle=True)
+    with pytest.raises(ValueError, match=r"sub-tasks \['digits'\] have no expert"):
+        evaluate.evaluate_composite(answer, rows, {}, ("colour", "other"), 6, mode="restate", oracle=True)
+
+
 def test_restate_training_layout_is_the_restate_evaluation_context(tiny):
     """`data.composite(layout="restate")` (what `train --composite-mix` adds) tokenizes to exactly the context
     `evaluate --composite-mode restate` builds when each answer is the reference, and labels each sub-question's
@@ -536,3 +580,12 @@ def test_cli_no_single_scores_only_the_composite_files(tiny):
     with pytest.raises(SystemExit, match="--no-single evaluates only --composite files"):
         evaluate.main([*common, "--out", str(root / "none.json")])
     assert not (root / "none.json").exists()
+    oracle = root / "composite_oracle.json"
+    assert evaluate.main([*common, "--composite", str(root / "composite_2.jsonl"), "--composite-mode", "restate",
+                          "--oracle", "--out", str(oracle)]) == 0
+    res = json.loads(oracle.read_text())
+    assert res["protocol"]["oracle"] and res["composite"]["composite_2"]["oracle"]
+    model = checkpoint.load(root / "ckpt")
+    _, want, _ = evaluate.evaluate_composite(evaluate.Answerer(model, tok, 8), evaluate.read_composite(
+        root / "composite_2.jsonl"), {}, names, 6, mode="restate", oracle=True)
+    assert [p["answers"] for p in res["predictions"]["composite_2"]] == [p["answers"] for p in want]
