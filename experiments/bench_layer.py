@@ -7,7 +7,9 @@ per-layer routing (random gate logits -> top-k -> softmax; the same for every st
 (their weights, 8 x 36 MB, exceed the 50 MB L2) are applied in sequence three times inside one jitted program;
 time per layer = median over repeats / 24. Strategies:
 
-    JAX    base (x @ W), lora (one adapter), loop, gather, dense, fused (Pallas), triton (jax-triton)
+    JAX    base (x @ W), base-t (the same with W stored [out, in]), lora (one adapter), loop, gather, dense,
+           fused (Pallas), fused-add (the routed pair, into x @ W's buffer), fused-gemv (`meteora_gemv`: base
+           product + adapter term in one launch, W stored [out, in]; T <= 16), triton (jax-triton)
     torch  base, lora, loop-original (every expert on every token, weighted), bmm-torch (gather A[idx], B[idx]
            then batched products), eager (torch.compile off), timed with CUDA events in the same process
 
@@ -77,6 +79,11 @@ def jax_layer(name: str, block_sizes=None):
         return lambda x, p: x @ p["W"]
     if name == "lora":
         return lambda x, p: x @ p["W"] + ((x @ p["A"][0]) * p["s"][0].astype(x.dtype)) @ p["B"][0]
+    if name == "base-t":  # the base weight stored transposed ([out, in], nn.Linear's layout)
+        return lambda x, p: jax.lax.dot_general(x, p["WT"], (((1,), (1,)), ((), ())))
+    if name == "fused-gemv":  # base product + adapter term in one launch, reading W^T
+        return lambda x, p: mp.meteora_gemv(x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"],
+                                            block_sizes=block_sizes)
     if name == "fused-add":  # the routed pair adds the adapter term into the base output's buffer
         return lambda x, p: mp.meteora_fused_add(x, x @ p["W"], p["A"], p["B"], p["s"], p["e"], p["w"],
                                                  block_sizes=block_sizes)
@@ -86,7 +93,10 @@ def jax_layer(name: str, block_sizes=None):
 
 def to_jax(layers, x):
     cast = lambda k, v: jnp.asarray(v, DT if k in "WAB" else v.dtype)
-    return [{k: cast(k, v) for k, v in p.items()} for p in layers], jnp.asarray(x, DT)
+    params = [{k: cast(k, v) for k, v in p.items()} for p in layers]
+    for p in params:  # W^T, stored (not transposed inside the timed program), for base-t and fused-gemv
+        p["WT"] = jnp.asarray(np.ascontiguousarray(np.asarray(p["W"]).T))
+    return params, jnp.asarray(x, DT)
 
 
 def time_call(f, *args, inner=5, repeats=7):
@@ -328,7 +338,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--jax", default="base,lora,loop,gather,dense,fused,fused-add,triton")
+    ap.add_argument("--jax", default="base,base-t,lora,loop,gather,dense,fused,fused-add,fused-gemv,triton")
     ap.add_argument("--add-max-tokens", type=int, default=64, help="largest T for fused-add (a few-token path)")
     ap.add_argument("--torch", default="base,lora,loop-original,bmm-torch")
     ap.add_argument("--train", default="gather,dense,fused,triton")
@@ -359,10 +369,10 @@ def main(argv=None):
         base = None
         bs = mp.BlockSizes(**chosen.get(t, {}))
         for nm in jax_names:
-            if nm == "fused-add" and t > args.add_max_tokens:
+            if (nm == "fused-add" and t > args.add_max_tokens) or (nm == "fused-gemv" and t > bs.gemv_max_tokens):
                 continue
             try:
-                sec, extra = bench_jax_layer(nm, params, xj, bs if nm in ("fused", "fused-add", "triton") else None)
+                sec, extra = bench_jax_layer(nm, params, xj, bs if nm.startswith(("fused", "triton")) else None)
             except Exception as err:  # one strategy failing (or out of memory) must not lose the others
                 print(f"jax   {nm:14s} T={t:6d} FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
                 continue

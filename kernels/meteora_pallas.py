@@ -84,6 +84,17 @@ class BlockSizes:
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
+    gemv_max_tokens: int = 16  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
+    gemv_block_out: int = 8  # its output rows per program for one token (matrix-vector products)
+    gemv_block_out_tokens: int = 32  # ... and for 2..gemv_max_tokens tokens (tensor-core products)
+    gemv_block_in: int = 512  # its D columns per step for one token
+    gemv_block_in_tokens: int = 256  # ... and for more
+    gemv_shrink_splits: int = 16  # its shrink programs (each adds one D range of h atomically)
+    gemv_shrink_block_in: int = 64  # D columns per shrink step
+    gemv_shrink_pairs: int = 4  # (token, slot) pairs per shrink program (more pairs: more programs)
+    gemv_warps: int = 4
+    gemv_stages: int = 4  # software pipelining depth for one token
+    gemv_stages_tokens: int = 3  # ... and for more
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -795,6 +806,175 @@ def meteora_fused_add(x, y, a, b, scaling, experts, weights, *, block_sizes: Blo
         interpret = jax.default_backend() != "gpu"
     return _routed_forward(x, y, None, a, b, scaling, experts, weights, None, block_sizes or BlockSizes.get_default(),
                            bool(interpret))
+
+
+# ------------------------------------------------------------- base product + adapter term in one launch
+# `meteora_gemv`: y = x @ W + delta for a few tokens with the routing given, ONE launch, the base weight stored
+# transposed (wt = W^T [out, in], PyTorch's nn.Linear layout), so that each program's rows of wt are contiguous
+# runs of D and the matrix-vector product streams them at the bandwidth cuBLAS reaches. (Reading W [in, out]
+# instead, a program's [D tile, out tile] block is made of short rows: the same kernel ran 1.25x to 1.6x the XLA
+# base product on the H100, split over D or not, see experiments/results/gemv/README.md.) Grid:
+#   programs [0, S)       shrink, one per (group of pairs, D range Ds): h[p] += x[tok p, Ds] @ a[e_p][Ds] for
+#                         its (token, slot) pairs p (the picked experts' A only), atomically into a zeroed f32
+#                         buffer; then +1 on a counter at the buffer's end
+#   programs [S, S + O/bn) their bn output rows of x @ W (f32), then spin on the counter until all S shrink
+#                         programs are counted, then add sum_p c_p h[p] @ b[e_p][:, rows] and store y once.
+# The shrink programs come first in the grid, so they are scheduled before the programs that wait on them.
+
+def _gemv_kernel(x_ref, wt_ref, a_ref, b_ref, s_ref, e_ref, w_ref, z_ref, o_ref, buf_ref, *, n, d, o, k, r, bm, bn,
+                 bk, pp, rp, ppb, n_ds, n_shrink, chunk, sbk, interpret):
+    del z_ref  # the zeroed buffer, aliased to buf_ref
+    pid = pl.program_id(0)
+    p = _iota(pp)
+    pmask = p < n * k
+    tok = lax.div(p, k)
+    rr = _iota(rp)
+    rrmask = rr < r
+    e = _load(e_ref, p, pmask, interpret)
+    hmask = pmask[:, None] & rrmask[None, :]
+    at = jnp.full((1,), pp * rp, jnp.int32)
+    one = jnp.ones((1,), jnp.float32)
+
+    @pl.when(pid < n_shrink)
+    def _():  # program (pair group, D range)
+        q = lax.div(pid, n_ds) * ppb + _iota(ppb)
+        qmask = q < n * k
+        qtok = lax.div(q, k)
+        qe = _load(e_ref, q, qmask, interpret)
+        ds = lax.rem(pid, n_ds)
+
+        def body(t, h):
+            dd = ds * chunk + t * sbk + _iota(sbk)
+            dmask = dd < d
+            xp = _load(x_ref, qtok[:, None] * d + dd[None, :], qmask[:, None] & dmask[None, :], interpret)
+            av = _load(a_ref, qe[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :],
+                       qmask[:, None, None] & dmask[None, :, None] & rrmask[None, None, :], interpret)
+            return h + jnp.sum(xp.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
+
+        h = lax.fori_loop(0, chunk // sbk, body, jnp.zeros((ppb, rp), jnp.float32))
+        old = _store(buf_ref, q[:, None] * rp + rr[None, :], h, qmask[:, None] & rrmask[None, :], interpret,
+                     atomic=True)
+        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0  # needs every add's returned value: all done
+        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+
+    @pl.when(pid >= n_shrink)
+    def _():
+        cols = (pid - n_shrink) * bn + _iota(bn)
+        cmask = cols < o
+        rows = _iota(bm)
+        rmask = rows < n
+
+        def body(t, acc):
+            dd = t * bk + _iota(bk)
+            dmask = dd < d
+            wv = _load(wt_ref, cols[:, None] * d + dd[None, :], cmask[:, None] & dmask[None, :], interpret)
+            if n == 1:  # [bn, bk] products reduced over the D tile
+                xv = _load(x_ref, dd, dmask, interpret)
+                return acc + jnp.sum(xv.astype(jnp.float32)[None, :] * wv.astype(jnp.float32), axis=1)
+            xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
+            prec = lax.Precision.HIGHEST if xv.dtype == jnp.float32 else None
+            return acc + lax.dot_general(xv, wv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                         precision=prec)
+
+        acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,) if n == 1 else (bm, bn), jnp.float32))
+        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
+        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
+        after = (seen < 0).astype(jnp.int32)  # 0; orders the loads of h after the wait
+        h = _load(buf_ref, p[:, None] * rp + rr[None, :] + after, hmask, interpret)
+        c = _load(w_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
+        h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
+        bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :],
+                   pmask[:, None, None] & rrmask[None, :, None] & cmask[None, None, :], interpret)
+        contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)  # [pp, bn]
+        for i in range(n):
+            base = acc if n == 1 else jnp.sum(jnp.where((rows == i)[:, None], acc, 0.0), axis=0)
+            row = base + jnp.sum(jnp.where((tok == i)[:, None], contrib, 0.0), axis=0)
+            _store(o_ref, i * o + cols, row.astype(o_ref.dtype), cmask, interpret)
+
+
+def gemv_tiles(bs: BlockSizes, n: int, d: int, pairs: int, r: int) -> dict:
+    """The launch geometry of `meteora_gemv` for n tokens: row tile, output rows per program, D step, pairs and
+    rank rounded up to powers of two, pairs per shrink program, D ranges, shrink programs, D range and step."""
+    pp, rp = _p2(pairs, 1), _p2(r, 1)
+    ppb = min(pp, _p2(bs.gemv_shrink_pairs, 1))
+    sbk = min(bs.gemv_shrink_block_in, max(16, 4096 // (ppb * rp)))
+    chunk = pl.cdiv(pl.cdiv(d, max(1, bs.gemv_shrink_splits)), sbk) * sbk
+    n_ds = pl.cdiv(d, chunk)
+    one = n == 1
+    return dict(bm=_p2(n, 16), bn=bs.gemv_block_out if one else max(16, bs.gemv_block_out_tokens),
+                bk=bs.gemv_block_in if one else bs.gemv_block_in_tokens, pp=pp, rp=rp, ppb=ppb, n_ds=n_ds,
+                n_shrink=n_ds * (pp // ppb), chunk=chunk, sbk=sbk)
+
+
+def _gemv_forward(x, wt, a, b, scaling, experts, weights, bs: BlockSizes, interpret: bool):
+    n, d = x.shape
+    o = wt.shape[0]
+    k, r = experts.shape[1], a.shape[2]
+    g = gemv_tiles(bs, n, d, n * k, r)
+    size = g["pp"] * g["rp"] + 1
+    kern = functools.partial(_gemv_kernel, n=n, d=d, o=o, k=k, r=r, interpret=interpret, **g)
+    out, _ = pl.pallas_call(
+        kern, grid=(g["n_shrink"] + pl.cdiv(o, g["bn"]),), input_output_aliases={7: 1},
+        out_shape=(jax.ShapeDtypeStruct((n * o,), x.dtype), jax.ShapeDtypeStruct((size,), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps,
+                                             num_stages=bs.gemv_stages if n == 1 else bs.gemv_stages_tokens),
+        interpret=interpret, name="meteora_gemv",
+    )(x.reshape(-1), wt.reshape(-1), a.reshape(-1), b.reshape(-1), scaling.astype(jnp.float32),
+      experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), jnp.zeros((size,), jnp.float32))
+    return out.reshape(n, o)
+
+
+def gemv_reference(x, wt, a, b, scaling, experts, weights):
+    """Pure JAX (float32): x @ wt^T + the adapter term, rounded once to x's dtype."""
+    f32 = jnp.float32
+    base = jnp.dot(x.astype(f32), wt.astype(f32).T, precision=lax.Precision.HIGHEST)
+    delta = meteora_reference(x.astype(f32), a, b, scaling, experts, weights)
+    return (base + delta).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _gemv_apply(x, wt, a, b, scaling, experts, weights, bs, interpret):
+    return _gemv_forward(x, wt, a, b, scaling, experts, weights, bs, interpret)
+
+
+def _gemv_fwd(x, wt, a, b, scaling, experts, weights, bs, interpret):
+    return _gemv_forward(x, wt, a, b, scaling, experts, weights, bs, interpret), (x, wt, a, b, scaling, experts,
+                                                                                 weights)
+
+
+def _gemv_bwd(bs, interpret, res, g):
+    """Through the reference (a decode-size path: the backward is not where its time goes)."""
+    x, wt, a, b, scaling, experts, weights = res
+    _, vjp = jax.vjp(lambda x, wt, a, b, s, w: gemv_reference(x, wt, a, b, s, experts, w).astype(g.dtype),
+                     x, wt, a, b, scaling, weights)
+    gx, gwt, ga, gb, gs, gw = vjp(g)
+    return gx, gwt, ga, gb, gs, None, gw
+
+
+_gemv_apply.defvjp(_gemv_fwd, _gemv_bwd)
+
+
+def meteora_gemv(x, wt, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,
+                 interpret: bool | None = None):
+    """`x @ wt.T + delta` for a few tokens and given routing, in one launch (see the section comment above).
+
+    x [N, in] with N <= `BlockSizes.gemv_max_tokens`; wt [out, in]: the base weight TRANSPOSED (nn.Linear's
+    layout); a [E, in, r], b [E, r, out] in x's dtype; scaling [E]; experts, weights [N, k]. Returns [N, out] in
+    x's dtype (f32 accumulation, rounded once). Differentiable (the backward runs `gemv_reference`); the atomic
+    adds of h make the last bits vary from run to run.
+    """
+    check_args(x, a, b, scaling, experts, weights)
+    bs = block_sizes or BlockSizes.get_default()
+    n, d = x.shape
+    if wt.ndim != 2 or wt.shape != (b.shape[-1], d):
+        raise ValueError(f"meteora_gemv: wt {wt.shape} must be the base weight transposed, [out={b.shape[-1]}, "
+                         f"in={d}]")
+    if not 1 <= n <= bs.gemv_max_tokens:
+        raise ValueError(f"meteora_gemv: takes 1..{bs.gemv_max_tokens} tokens (BlockSizes.gemv_max_tokens), got "
+                         f"x {x.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _gemv_apply(x, wt, a, b, scaling, experts, weights, bs, bool(interpret))
 
 
 def routed_weights(logits, experts, spec: RouteSpec):

@@ -581,3 +581,94 @@ def test_model_decode_uses_the_routed_kernels(monkeypatch):
     assert calls == [(6, 48)]  # 7 tokens: the two-launch strategy path
     lin.set_routing(mcfg)
     assert_close(y7, lin(x7)[0], 1e-5, "y (7 tokens)")
+
+
+# ------------------------------------------------- base product + adapter term in one launch (meteora_gemv)
+GEMV_CPU = (  # ragged D and out tiles, r not a power of two, experts no token picks, all tokens on one expert
+    Case(1, 96, 40, 5, 3, 2),
+    Case(3, 70, 33, 4, 8, 2, routing="one"),
+    Case(5, 130, 24, 6, 5, 1, routing="unused"),
+    Case(2, 64, 48, 3, 4, 3, "bfloat16"),
+)
+GEMV_GPU = (
+    Case(1, 4096, 4096, 28, 8, 2, "bfloat16"),
+    Case(1, 4096, 1024, 28, 8, 2, "bfloat16"),
+    Case(1, 576, 1536, 10, 8, 2, "bfloat16"),
+    Case(1, 1000, 300, 7, 5, 1, routing="unused"),
+    Case(4, 4096, 4096, 28, 8, 2, "bfloat16", routing="one"),
+    Case(16, 4096, 1024, 28, 16, 2, "bfloat16"),
+    Case(16, 576, 192, 10, 8, 2),
+    Case(7, 300, 100, 9, 3, 3, routing="unused"),
+)
+GEMV_BLOCKS = mp.BlockSizes(gemv_block_out=4, gemv_block_out_tokens=16, gemv_block_in=32, gemv_block_in_tokens=16,
+                            gemv_shrink_splits=3, gemv_shrink_block_in=16, gemv_shrink_pairs=2)
+
+
+def gemv_inputs(case: Case, seed: int):
+    (x, a, b, s, experts, weights), cot = make_inputs(case, seed)
+    wt = jnp.asarray(np.random.default_rng(seed + 7).standard_normal((case.o, case.d)) / case.d ** 0.5, x.dtype)
+    return (x, wt, a, b, s, experts, weights), cot
+
+
+def gemv_float64(x, wt, a, b, s, experts, weights):
+    """x @ wt^T + sum_j w_j s_e (x a_e) b_e in float64 numpy, one token and slot at a time."""
+    f = lambda t: np.asarray(t, np.float64)  # noqa: E731
+    x, wt, a, b, s, weights = map(f, (x, wt, a, b, s, weights))
+    y = x @ wt.T
+    for i, (es, ws) in enumerate(zip(np.asarray(experts), weights, strict=True)):
+        for e, w in zip(es, ws, strict=True):
+            y[i] += w * s[e] * (x[i] @ a[e]) @ b[e]
+    return y
+
+
+def check_gemv(case: Case, interpret: bool, bs=None, seed: int = 0):
+    args, cot = gemv_inputs(case, seed)
+    fn = lambda *p: mp.meteora_gemv(*p[:5], args[5], p[5], block_sizes=bs, interpret=interpret)  # noqa: E731
+    diff = (0, 1, 2, 3, 4, 6)  # x, wt, a, b, scaling, weights
+    p = [args[i] for i in diff]
+    out = fn(*p)
+    assert out.shape == (case.n, case.o) and out.dtype == args[0].dtype
+    assert_close(out, gemv_float64(*args), TOL[case.dtype], "meteora_gemv")
+
+    def formula(x, wt, a, b, s, w):  # the same sum in jnp, f32, gathering each token's experts
+        f32 = jnp.float32
+        ae, be = a.astype(f32)[args[5]], b.astype(f32)[args[5]]
+        h = jnp.einsum("nd,nkdr->nkr", x.astype(f32), ae, precision="highest") * (w * s[args[5]])[..., None]
+        return x.astype(f32) @ wt.astype(f32).T + jnp.einsum("nkr,nkro->no", h, be, precision="highest")
+
+    grads = jax.grad(lambda *q: jnp.sum(fn(*q).astype(jnp.float32) * cot.astype(jnp.float32)), argnums=range(6))(*p)
+    want = jax.grad(lambda *q: jnp.sum(formula(*q) * cot.astype(jnp.float32)), argnums=range(6))(*p)
+    for what, g, gw in zip(("dx", "dwt", "da", "db", "dscaling", "dweights"), grads, want, strict=True):
+        assert_close(g, gw, TOL[case.dtype], f"meteora_gemv {what}")
+
+
+@pytest.mark.parametrize("bs", (None, GEMV_BLOCKS), ids=("default", "small-tiles"))
+@pytest.mark.parametrize("case", GEMV_CPU, ids=str)
+def test_gemv_interpret(case, bs):
+    check_gemv(case, interpret=True, bs=bs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GEMV_GPU, ids=str)
+def test_gemv_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_gemv(case, interpret=False)
+    check_gemv(case, interpret=False, bs=GEMV_BLOCKS, seed=3)
+
+
+@pytest.mark.parametrize("case", GEMV_GPU[::3], ids=str)
+def test_gemv_lowers_to_triton(case):
+    args = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in gemv_inputs(case, 0)[0]]
+    text = jax.jit(lambda *p: mp.meteora_gemv(*p, interpret=False)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "meteora_gemv" in text
+
+
+def test_gemv_bad_args_are_refused():
+    (x, wt, a, b, s, e, w), _ = gemv_inputs(Case(2, 32, 16, 3, 4, 2), 0)
+    with pytest.raises(ValueError, match=r"wt \(32, 16\) must be the base weight transposed, \[out=16, in=32\]"):
+        mp.meteora_gemv(x, wt.T, a, b, s, e, w, interpret=True)
+    x17 = jnp.zeros((17, 32), x.dtype)
+    with pytest.raises(ValueError, match=r"takes 1..16 tokens"):
+        mp.meteora_gemv(x17, wt, a, b, s, jnp.zeros((17, 2), jnp.int32), jnp.ones((17, 2)), interpret=True)
