@@ -1,7 +1,7 @@
 """Tune the routed kernels' block sizes where they run: inside the jitted decode loop of a packed MeteoRA model.
 
 For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the packed MeteoRA
-model (`meteora_jax.packed`, `--mode` routed or extended) is recompiled with those defaults and timed as
+model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is recompiled with those defaults and timed as
 `bench_generate.py` times it (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context,
 random bf16 weights), next to the equally packed base model; results in OUT.json and OUT.md, best first per batch.
 
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(SHAPES)}")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--configs", help="JSON list of BlockSizes field dicts (default: the built-in sweep)")
-    p.add_argument("--mode", default="routed", choices=["routed", "extended"], help="packing mode (meteora_jax.packed)")
+    p.add_argument("--mode", default="routed", choices=["routed", "extended", "gemv"],
+                   help="packing mode (meteora_jax.packed)")
     p.add_argument("--experts", type=int, default=28)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)

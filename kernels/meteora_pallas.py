@@ -614,9 +614,11 @@ def _routed_expand_kernel(*refs, spec, has_y, **kw):
 
 
 def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, zl=None):
+                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None):
     """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
-    the logits and P come from its columns, and without y_ref the base output too."""
+    the logits and P come from its columns, and without y_ref the base output too. `pre(cols, omask)`, if given,
+    runs first and returns (the f32 base tile [bm, bn] of these columns, an int32 0 that orders every later load
+    of buf after it): the base output then comes from it (`meteora_gemv_expand`)."""
     given, has_y = spec is None, y_ref is not None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
     c, er = m * e * r, e * r
@@ -631,14 +633,15 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
     cols = off + (pid - first_tile) * bn + _iota(bn)
     rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end
+    base, after = pre(cols, omask) if pre is not None else (None, 0)
 
     if zl is None:  # buf: [N * gc] logits, then [N, c] P
         lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :]  # noqa: E731
         p_off = n * gc + rows[:, None] * c + j * er + ccols[None, :]
     else:  # buf: z [N, ldz]
         ldz, parts = zl
-        lg_off = lambda part: rows[:, None] * ldz + ld + part * gc + j * e + ecols[None, :]  # noqa: E731
-        p_off = rows[:, None] * ldz + ld + parts * gc + j * er + ccols[None, :]
+        lg_off = lambda part: rows[:, None] * ldz + ld + part * gc + j * e + ecols[None, :] + after  # noqa: E731
+        p_off = rows[:, None] * ldz + ld + parts * gc + j * er + ccols[None, :] + after
     p = _load(buf_ref, p_off, rmask[:, None] & cmask[None, :], interpret)
     if given:  # routing passed in: experts / weights [N, m, k]
         idx = [_load(e_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
@@ -661,7 +664,9 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     omask2 = rmask[:, None] & omask[None, :]
     yoff = rows[:, None] * ld + cols[None, :]
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
-    if zl is not None and not has_y:  # the base output, f32, from z
+    if base is not None:
+        yv = base
+    elif zl is not None and not has_y:  # the base output, f32, from z
         yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret)
     delta = _dot(h, bw.astype(dtype))
     if zl is not None and not has_y:  # f32 base + f32 delta, rounded once
@@ -1149,6 +1154,122 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
         interpret=bool(interpret), name="meteora_routed_expand_z",
     )(*args)
+    logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
+    return out.reshape(n, ld), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
+
+
+# `meteora_gemv_expand`: a packed group's whole decode step in ONE launch, from zt = [W | G parts | A | pad]^T
+# [ldz, in] (the transposed product matrix of packing mode "extended"; packing mode "gemv"). Programs
+# [0, X) compute z's extra columns (gate logits and every shrink; rows ld.. of zt) as matrix-vector products and
+# add them atomically into a zeroed f32 buffer [N, ldz], then +1 on a counter; the member programs compute their
+# base columns (rows of zt), spin until all X are counted, then route, expand and store y as
+# `meteora_routed_expand` does with z, the base taken from their own product (f32, rounded once).
+
+def _gemv_rows(x_ref, zt_ref, cols, cmask, *, n, d, bm, bk, interpret):
+    """f32 [bm, bn]: rows `cols` of zt [., d] times x [n, d] (products over D tiles of bk)."""
+    rows = _iota(bm)
+    rmask = rows < n
+
+    def body(t, acc):
+        dd = t * bk + _iota(bk)
+        dmask = dd < d
+        wv = _load(zt_ref, cols[:, None] * d + dd[None, :], cmask[:, None] & dmask[None, :], interpret)
+        if n == 1:
+            xv = _load(x_ref, dd, dmask, interpret)
+            return acc + jnp.sum(xv.astype(jnp.float32)[None, :] * wv.astype(jnp.float32), axis=1)
+        xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
+        prec = lax.Precision.HIGHEST if xv.dtype == jnp.float32 else None
+        return acc + lax.dot_general(xv, wv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                                     precision=prec)
+
+    bn = cols.shape[0]
+    acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,) if n == 1 else (bm, bn), jnp.float32))
+    return jnp.where(rows[:, None] == 0, acc[None, :], 0.0) if n == 1 else acc
+
+
+def _gemv_expand_kernel(x_ref, zt_ref, b_ref, s_ref, z_ref, out_ref, buf_ref, ex_ref, wt_ref, *, n, d, ld, ldz,
+                        n_extra, bne, bk, expand_kw, interpret):
+    del z_ref  # the zeroed buffer, aliased to buf_ref
+    pid = pl.program_id(0)
+    bm = expand_kw["bm"]
+    rows = _iota(bm)
+    rmask = rows < n
+    at = jnp.full((1,), n * ldz, jnp.int32)
+    one = jnp.ones((1,), jnp.float32)
+    gemv = functools.partial(_gemv_rows, x_ref, zt_ref, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
+
+    @pl.when(pid < n_extra)
+    def _():
+        cols = ld + pid * bne + _iota(bne)
+        cmask = cols < ldz
+        old = _store(buf_ref, rows[:, None] * ldz + cols[None, :], gemv(cols, cmask), rmask[:, None] & cmask[None, :],
+                     interpret, atomic=True)
+        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0  # needs every add's returned value: all done
+        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+
+    def pre(cols, omask):
+        base = gemv(cols, omask)
+        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
+        seen = lax.while_loop(lambda v: v < n_extra, lambda v: poll(), poll())
+        return base, (seen < 0).astype(jnp.int32)
+
+    @pl.when(pid >= n_extra)
+    def _():
+        _expand_body(buf_ref, None, None, b_ref, s_ref, None, out_ref, ex_ref, wt_ref, pid - n_extra, pre=pre,
+                     **expand_kw)
+
+
+def meteora_gemv_expand(x, zt, b, scaling, spans, *, gate_parts: int = 1, top_k: int, temperature: float = 1.0,
+                        routing: str = "topk_softmax", forced_expert: int | None = None, out_dtype=None,
+                        block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """A packed group's decode step in one launch (see the section comment above): x [N, in] (N <=
+    `BlockSizes.gemv_max_tokens`); zt [ldz, in]: the transpose of `meteora_routed_expand`'s product matrix
+    [W | G_1 .. G_parts | A | padding] (ldz = ld + parts*m*E + m*E*r plus under 1024 padding rows, never read);
+    b [E*r, ld], scaling [m, E] and the spans (covering all ld columns) as there. Forward only. Returns
+    (y [N, ld] in `out_dtype` (default b's), logits [N, m, E] f32, experts [N, m, k] int32, weights [N, m, k])."""
+    who = "meteora_gemv_expand"
+    if x.ndim != 2 or zt.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
+        raise ValueError(f"{who}: expected x [N, in], zt [ldz, in], b [E*r, ld], scaling [m, E]; got x {x.shape}, "
+                         f"zt {zt.shape}, b {b.shape}, scaling {scaling.shape}")
+    n, d = x.shape
+    ldz = zt.shape[0]
+    m, e_num = scaling.shape
+    er, ld = b.shape
+    spans = tuple((int(o), int(s)) for o, s in spans)
+    need = ld + gate_parts * m * e_num + m * er
+    if (zt.shape[1] != d or gate_parts < 1 or e_num < 1 or er % e_num or len(spans) != m
+            or not need <= ldz < need + 1024):
+        raise ValueError(f"{who}: zt {zt.shape} must be [ld + gate_parts*m*E + m*E*r (+ under 1024 rows of padding), "
+                         f"in] = [{ld} + {gate_parts}*{m}*{e_num} + {m}*{er}, {d}] for x {x.shape}, b {b.shape}, "
+                         f"scaling {scaling.shape}, {len(spans)} spans and gate_parts={gate_parts}")
+    _check_spans(who, spans, ld, "the base output comes from zt")
+    spec = _route_spec(who, e_num, top_k, temperature, routing, forced_expert)
+    bs = block_sizes or BlockSizes.get_default()
+    if not 1 <= n <= bs.gemv_max_tokens:
+        raise ValueError(f"{who}: takes 1..{bs.gemv_max_tokens} tokens (BlockSizes.gemv_max_tokens), got x {x.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    mem, k, gc = Members(e_num, er // e_num, spans, ld), spec.top_k, m * e_num
+    bm = _p2(n, 16)
+    bn = max(16, bs.gemv_block_out if n == 1 else bs.gemv_block_out_tokens)
+    bk = bs.gemv_block_in if n == 1 else bs.gemv_block_in_tokens
+    n_extra = pl.cdiv(need - ld, bn)
+    out_dtype = out_dtype or b.dtype
+    expand_kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec,
+                     dtype=b.dtype, interpret=bool(interpret), zl=(ldz, gate_parts))
+    kern = functools.partial(_gemv_expand_kernel, n=n, d=d, ld=ld, ldz=ldz, n_extra=n_extra, bne=bn, bk=bk,
+                             expand_kw=expand_kw, interpret=bool(interpret))
+    size = n * ldz + 1
+    out, buf, experts, weights = pl.pallas_call(
+        kern, grid=(n_extra + mem.tile_starts(bn)[-1],), input_output_aliases={4: 1},
+        out_shape=(jax.ShapeDtypeStruct((n * ld,), out_dtype), jax.ShapeDtypeStruct((size,), jnp.float32),
+                   jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps,
+                                             num_stages=bs.gemv_stages if n == 1 else bs.gemv_stages_tokens),
+        interpret=bool(interpret), name="meteora_gemv_expand",
+    )(x.reshape(-1), zt.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32),
+      jnp.zeros((size,), jnp.float32))
+    z = buf[:n * ldz].reshape(n, ldz)
     logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
     return out.reshape(n, ld), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 

@@ -32,6 +32,11 @@ Modes (`pack_projections(model, mode=...)`):
   writes y = base + delta (`kernels.meteora_pallas.meteora_routed_expand`), so a group costs one XLA product and
   one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
   product, like the base weight's.
+- `gemv`: `extended`'s matrix stored transposed, [ldz, in] (rows contiguous along the input, as nn.Linear stores
+  its weight), so that for a few tokens one Pallas launch computes the product's columns as matrix-vector
+  products, routes and adds the adapter term (`kernels.meteora_pallas.meteora_gemv_expand`): one launch per
+  group, no XLA product. Prefill (and a group where some member has no experts) runs `extended`'s path with the
+  transposed operand.
 - `auto` (default): `extended` when the model's strategy is `fused` or JAX runs on a GPU (the fastest packed
   decoding measured there, experiments/results/generate_bench.md), else `fold` (on a CPU the Pallas kernels run
   in interpret mode, which is slow).
@@ -50,10 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels.meteora_pallas import BlockSizes, meteora_routed_expand, meteora_routed_packed
+from kernels.meteora_pallas import BlockSizes, meteora_gemv_expand, meteora_routed_expand, meteora_routed_packed
 from meteora_jax.llama import Linear, Llama
 
-MODES = ("fold", "split", "routed", "extended")
+MODES = ("fold", "split", "routed", "extended", "gemv")
 EXTENDED_ALIGN = 128  # mode extended: the product's columns are padded to a multiple of this
 GROUPS = (("self_attn", "packed_qkv", ("q_proj", "k_proj", "v_proj")), ("self_attn", "packed_o", ("o_proj",)),
           ("mlp", "packed_gate_up", ("gate_proj", "up_proj")), ("mlp", "packed_down", ("down_proj",)))
@@ -101,21 +106,22 @@ class PackedProjection(nnx.Module):
         offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.spans = tuple((int(offsets[i]), int(self.sizes[i])) for i in experts)  # expert members' columns
         self.gate_parts = 0
-        if mode in ("routed", "extended"):  # every member's B side by side, [E*r, sum(out)]
+        if mode in ("routed", "extended", "gemv"):  # every member's B side by side, [E*r, sum(out)]
             b_side = jnp.zeros((e * r, w.shape[1]), w.dtype)
             for i in experts:
                 b_side = b_side.at[:, offsets[i]:offsets[i + 1]].set(lins[i].lora_b[...].reshape(e * r, -1)
                                                                      .astype(w.dtype))
             self.lora_b = ExpertParam(b_side)
             self.kernel = nnx.Param(w)
-        if mode == "extended":  # one product gives the base output, the gate logits and the shrink
+        if mode in ("extended", "gemv"):  # one product gives the base output, the gate logits and the shrink
             low = min((jnp.dtype(self.dtype), jnp.dtype(w.dtype)), key=lambda t: t.itemsize)  # storage or compute
             parts = gate_parts(self.gate[...].astype(jnp.float32), low)
             self.gate_parts = len(parts)
             cols = [w, *[g.astype(w.dtype) for g in parts], self.lora_a[...].astype(w.dtype)]
             pad = -sum(c.shape[1] for c in cols) % EXTENDED_ALIGN
             cols.append(jnp.zeros((self.d_in, pad), w.dtype))  # rows of whole 128-column blocks: a faster product
-            self.kernel = nnx.Param(jnp.concatenate(cols, axis=1))
+            z = jnp.concatenate(cols, axis=1)
+            self.kernel = nnx.Param(z.T if mode == "gemv" else z)  # gemv: [ldz, in], rows contiguous in `in`
             self.gate = self.lora_a = None  # inside the kernel now
         elif mode != "routed":
             expand = jnp.zeros((len(experts) * e * r, w.shape[1]), w.dtype)  # blockdiag(B_1, ..., B_m)
@@ -151,7 +157,7 @@ class PackedProjection(nnx.Module):
         n = xf.shape[0]
         routings: dict[str, Any] = {name: None for name in self.names}
         kernel = self.kernel[...].astype(self.dtype)
-        if self.mode == "extended" and self.expert_members:
+        if self.mode in ("extended", "gemv") and self.expert_members:
             y = self._extended(xf, kernel, routings, lead)
         elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
@@ -202,15 +208,28 @@ class PackedProjection(nnx.Module):
 
     def _extended(self, xf, kernel, routings, lead) -> jax.Array:
         """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
-        launch; a few tokens) or the dense math on z's columns (prefill)."""
+        launch; a few tokens) or the dense math on z's columns (prefill). Mode `gemv` (kernel stored transposed):
+        for a few tokens, when every member has experts, product and expand are one launch
+        (`meteora_gemv_expand`); otherwise as `extended`."""
         n, ld = xf.shape[0], sum(self.sizes)
-        z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
-        if not self.adapters_enabled:
-            return z[:, :ld].astype(self.dtype)
         m, e, r = len(self.expert_members), self.num_experts, self.rank
         b_side = self.lora_b[...].astype(self.dtype)
-        if n <= BlockSizes.get_default().routed_max_tokens:  # decode: one launch
-            whole = len(self.spans) == len(self.sizes)
+        bs = BlockSizes.get_default()
+        whole = len(self.spans) == len(self.sizes)
+        if self.mode == "gemv":
+            if self.adapters_enabled and whole and n <= min(bs.routed_max_tokens, bs.gemv_max_tokens):
+                y, logits, experts, weights = meteora_gemv_expand(
+                    xf, kernel, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
+                    temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
+                    out_dtype=self.dtype)
+                self._record(routings, logits, experts, weights, lead)
+                return y
+            z = jax.lax.dot_general(xf, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        else:
+            z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
+        if not self.adapters_enabled:
+            return z[:, :ld].astype(self.dtype)
+        if n <= bs.routed_max_tokens:  # decode: one launch
             y, logits, experts, weights = meteora_routed_expand(
                 z, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
                 temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,

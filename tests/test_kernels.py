@@ -397,6 +397,14 @@ def routed_expand_z(c: PCase, x, gate, a, seed: int):
     return jnp.concatenate([z, jnp.asarray(1e3 * rng.standard_normal((c.n, 13)), jnp.float32)], axis=1), len(parts)
 
 
+def gemv_zt(c: PCase, x, gate, a, seed: int):
+    """[W | gate parts | A]^T with the W of `routed_expand_z`, and 13 rows of padding (large values, never read)."""
+    rng = np.random.default_rng(seed + 7)
+    w = jnp.asarray(rng.standard_normal((c.d, c.ld)) / c.d ** 0.5, x.dtype)
+    zt = jnp.concatenate([w, *gate_parts(gate, x.dtype), a], axis=1).T
+    return jnp.concatenate([zt, jnp.asarray(1e3 * rng.standard_normal((13, c.d)), x.dtype)])
+
+
 def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=None, via: str = "pair"):
     """The packed pair (`via` "pair"), or the expand alone from z = x @ [W | G | A] ("z"; with y when the spans
     leave columns out), against, per member, `meteora.route` and the gathering float32 reference on that member's
@@ -409,6 +417,11 @@ def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=No
               block_sizes=block_sizes, interpret=interpret)
     if via == "pair":
         out, logits, experts, weights = mp.meteora_routed_packed(x, y, gate, a, b, s, c.spans, **kw)
+    elif via == "gemv":  # one launch from zt = [W | G parts | A | padding]^T; the base is x @ W (f32)
+        z, parts = routed_expand_z(c, x, gate, a, seed)
+        y = z[:, :c.ld]
+        out, logits, experts, weights = mp.meteora_gemv_expand(x, gemv_zt(c, x, gate, a, seed), b, s, c.spans,
+                                                               gate_parts=parts, out_dtype=x.dtype, **kw)
     else:
         z, parts = routed_expand_z(c, x, gate, a, seed)
         whole = sum(size for _, size in c.spans) == c.ld
@@ -672,3 +685,48 @@ def test_gemv_bad_args_are_refused():
     x17 = jnp.zeros((17, 32), x.dtype)
     with pytest.raises(ValueError, match=r"takes 1..16 tokens"):
         mp.meteora_gemv(x17, wt, a, b, s, jnp.zeros((17, 2), jnp.int32), jnp.ones((17, 2)), interpret=True)
+
+
+GEMV_PACKED_CPU = tuple(c for c in PACKED_CPU if sum(size for _, size in c.spans) == c.ld)  # spans cover y
+GEMV_PACKED_GPU = tuple(c for c in PACKED_GPU if sum(size for _, size in c.spans) == c.ld)
+
+
+@pytest.mark.parametrize("case", GEMV_PACKED_CPU, ids=str)
+def test_gemv_expand_interpret(case):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    check_routed_packed(case, interpret=True, seed=seed, via="gemv")
+    check_routed_packed(case, interpret=True, seed=seed, via="gemv", block_sizes=GEMV_BLOCKS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GEMV_PACKED_GPU, ids=str)
+def test_gemv_expand_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_routed_packed(case, interpret=False, via="gemv")
+    check_routed_packed(case, interpret=False, seed=5, via="gemv", block_sizes=GEMV_BLOCKS)
+
+
+@pytest.mark.parametrize("case", GEMV_PACKED_GPU[::2], ids=str)
+def test_gemv_expand_lowers_to_triton(case):
+    x, _, gate, a, b, s = packed_inputs(case, 0)
+    zt = gemv_zt(case, x, gate, a, 0)
+    kw = dict(gate_parts=len(gate_parts(gate, x.dtype)), top_k=case.k, temperature=case.temperature,
+              routing=case.routing, forced_expert=case.forced, interpret=False)
+    args = [jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (x, zt, b, s)]
+    text = jax.jit(lambda x, zt, b, s: mp.meteora_gemv_expand(x, zt, b, s, case.spans, **kw)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "meteora_gemv_expand" in text
+
+
+def test_gemv_expand_bad_args_are_refused():
+    c = PACKED_CPU[0]
+    x, _, gate, a, b, s = packed_inputs(c, 0)
+    zt = gemv_zt(c, x, gate, a, 0)
+    kw = dict(gate_parts=1, top_k=2, interpret=True)
+    with pytest.raises(ValueError, match=r"zt \(.*\) must be \[ld \+ gate_parts\*m\*E"):
+        mp.meteora_gemv_expand(x, zt[:, :10], b, s, c.spans, **kw)
+    with pytest.raises(ValueError, match="must cover all 80 columns"):
+        mp.meteora_gemv_expand(x, zt, b, s, ((0, 48), (48, 16), (66, 14)), **kw)
+    with pytest.raises(ValueError, match=r"takes 1..16 tokens"):
+        mp.meteora_gemv_expand(jnp.zeros((17, c.d), x.dtype), zt, b, s, c.spans, **kw)

@@ -55,6 +55,12 @@ CASES = [
     dict(top_k=2, target_modules=("k_proj", "gate_proj", "o_proj"), rank=5, experts=6, mode="extended"),
     dict(top_k=3, target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "o_proj"), bias=True, rank=5,
          experts=6, mode="extended", lengths=(3, 2)),
+    # gemv: extended's matrix transposed; 8 tokens (every member with experts) one launch, the rest XLA products
+    dict(top_k=2, temperature=2.0, mode="gemv", lengths=(4, 2)),
+    dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="gemv", lengths=(4, 3)),
+    dict(top_k=3, target_modules=("q_proj", "v_proj", "up_proj", "down_proj"), bias=True, rank=5, experts=6,
+         mode="gemv", lengths=(4, 1)),
+    dict(top_k=2, temperature=2.0, mode="gemv"),
 ]
 
 
@@ -112,7 +118,7 @@ def test_packed_forced_expert_equals_peft_generate(tiny_llama3):
         assert gen.generate(ours, PROMPTS, max_new_tokens=n).tokens == [hf_generate(peft, p, n) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("mode", ["fold", "routed", "extended"])
+@pytest.mark.parametrize("mode", ["fold", "routed", "extended", "gemv"])
 def test_packed_generate_and_trace_equal_unpacked(tiny_llama3, mode):
     """Same tokens; same experts and weights (`routed`, `extended`: decode steps through the kernels, interpret
     mode), but for fp32 near-ties: over 1000 seeds, `fold` gave 4 runs with 1 or 2 of about 1000 expert slots
@@ -197,3 +203,29 @@ def test_auto_mode_is_extended_with_fused_or_on_a_gpu(monkeypatch):
     assert modes(pack_projections(model)) == {"extended"}
     with pytest.raises(ValueError, match="packing mode must be auto or one of"):
         pack_projections(MeteoraLlama(cfg, MeteoraConfig(("a",), 2, top_k=1), rngs=nnx.Rngs(0)), mode="nope")
+
+
+def test_gemv_mode_decodes_through_the_one_launch_kernel(monkeypatch):
+    """Mode `gemv` sends calls of at most gemv_max_tokens tokens to `meteora_gemv_expand` (one call per group) and
+    longer ones to the XLA product on the transposed matrix."""
+    from meteora_jax import packed as packed_mod
+
+    calls = []
+
+    def spy(x, *args, **kw):
+        calls.append(x.shape)
+        return packed_mod.__dict__["_real_gemv_expand"](x, *args, **kw)
+
+    monkeypatch.setitem(packed_mod.__dict__, "_real_gemv_expand", packed_mod.meteora_gemv_expand)
+    monkeypatch.setattr(packed_mod, "meteora_gemv_expand", spy)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, dtype="float32", param_dtype="float32")
+    model = pack_projections(MeteoraLlama(cfg, MeteoraConfig(("a", "b", "c"), 3, top_k=2), rngs=nnx.Rngs(0)),
+                             mode="gemv")
+    assert all(p.kernel.shape[1] == 48 or p.kernel.shape[1] == 80 for p in packed_projections(model))  # [ldz, in]
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 3)))
+    model(tokens, jnp.ones((2, 3), jnp.int32))
+    assert calls == [(6, 48), (6, 48), (6, 48), (6, 80)] * 2  # qkv, o, gate/up, down; two layers
+    calls.clear()
+    model(jnp.tile(tokens, (1, 6)), jnp.ones((2, 18), jnp.int32))  # 36 tokens: no kernel call
+    assert calls == []

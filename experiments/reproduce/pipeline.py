@@ -240,9 +240,10 @@ def main(argv=None) -> int:
         elif stage == "eval_base":
             r.run(stage, [*evaluate, "--checkpoint", meteora, "--no-adapters", *composite(),
                           "--label", f"base{sfx}", "--out", res / f"base{sfx}.json"], res / f"base{sfx}.json")
-        elif stage == "eval_oracle":
-            r.run(stage, [*evaluate, "--checkpoint", meteora, "--oracle", "--label", "oracle",
-                          "--out", res / "oracle.json"], res / "oracle.json")
+        elif stage == "eval_oracle":  # composite problems too, one forced expert per sub-question (not "free")
+            comp = composite() if a.composite_mode != "free" else []
+            r.run(stage, [*evaluate, "--checkpoint", meteora, "--oracle", *comp, "--label", f"oracle{sfx}",
+                          "--out", res / f"oracle{sfx}.json"], res / f"oracle{sfx}.json")
         elif stage == "eval_lora_b":
             r.run(stage, [*evaluate, "--checkpoint", lora_b, "--forced-expert", "lora_b", *composite(),
                           "--label", f"lora_b{sfx}", "--out", res / f"lora_b{sfx}.json"], res / f"lora_b{sfx}.json")
