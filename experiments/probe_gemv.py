@@ -364,19 +364,21 @@ def main_one():
                               ratio=round(float(np.median(v)) / base, 3))), flush=True)
 
 
-def tune_gemv(tokens=(1, 16)):
+def tune_gemv(tokens=(16, 64)):
     """`kernels.meteora_pallas.meteora_gemv` block sizes against the XLA base product, per T."""
     from kernels import meteora_pallas as mp
 
     grid = {1: [dict(), dict(gemv_block_out=16), dict(gemv_shrink_splits=32), dict(gemv_block_out=4)],
-            "many": [dict(), dict(gemv_block_out_tokens=64), dict(gemv_block_out_tokens=64, gemv_block_in_tokens=128),
-                     dict(gemv_warps=8), dict(gemv_block_out_tokens=64, gemv_warps=8), dict(gemv_block_in_tokens=512),
-                     dict(gemv_stages_tokens=4), dict(gemv_shrink_splits=32), dict(gemv_shrink_pairs=2)]}
+            "many": [dict(), dict(gemv_dense_from=99), dict(routed_splits=32), dict(routed_block_in=128),
+                     dict(gemv_block_out_tokens=64), dict(gemv_block_in_tokens=512), dict(gemv_warps=8),
+                     dict(gemv_block_out_tokens=16), dict(routed_block_cols=128)]}
     for t in tokens:
         layers, x = make_layers(t)
         params, xj = to_jax(layers, x)
         base = bench(lambda x, p: x @ p["W"], params, xj)
         for c in grid[1 if t == 1 else "many"]:
+            if t > 16 and c.get("gemv_dense_from", 0) > t:  # the per-pair path is for a few tokens
+                continue
             bs = mp.BlockSizes(**c)
             layer = lambda x, p, bs=bs: mp.meteora_gemv(x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"],
                                                         block_sizes=bs)

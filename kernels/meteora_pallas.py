@@ -84,7 +84,8 @@ class BlockSizes:
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
-    gemv_max_tokens: int = 16  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
+    gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
+    gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles
     gemv_block_out: int = 8  # its output rows per program for one token (matrix-vector products)
     gemv_block_out_tokens: int = 32  # ... and for 2..gemv_max_tokens tokens (tensor-core products)
     gemv_block_in: int = 512  # its D columns per step for one token
@@ -636,8 +637,8 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     base, after = pre(cols, omask) if pre is not None else (None, 0)
 
     if zl is None:  # buf: [N * gc] logits, then [N, c] P
-        lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :]  # noqa: E731
-        p_off = n * gc + rows[:, None] * c + j * er + ccols[None, :]
+        lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :] + after  # noqa: E731
+        p_off = n * gc + rows[:, None] * c + j * er + ccols[None, :] + after
     else:  # buf: z [N, ldz]
         ldz, parts = zl
         lg_off = lambda part: rows[:, None] * ldz + ld + part * gc + j * e + ecols[None, :] + after  # noqa: E731
@@ -669,7 +670,7 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     elif zl is not None and not has_y:  # the base output, f32, from z
         yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret)
     delta = _dot(h, bw.astype(dtype))
-    if zl is not None and not has_y:  # f32 base + f32 delta, rounded once
+    if base is not None or (zl is not None and not has_y):  # f32 base + f32 delta, rounded once
         delta = (yv + delta).astype(out_ref.dtype)
     else:
         delta = delta.astype(out_ref.dtype)
@@ -911,8 +912,72 @@ def gemv_tiles(bs: BlockSizes, n: int, d: int, pairs: int, r: int) -> dict:
                 n_shrink=n_ds * (pp // ppb), chunk=chunk, sbk=sbk)
 
 
+def _gemv_dense_kernel(x_ref, wt_ref, a_ref, e_ref, w_ref, b_ref, s_ref, z_ref, out_ref, buf_ref, *, n_shrink,
+                       nblocks, cnt, bk, shrink_kw, expand_kw, interpret):
+    """Several tokens: the shrink programs of the routed kernels (x @ a_wide for every expert, tensor-core tiles,
+    atomics; then +1 on a counter) and output programs that take their rows of x @ W^T, wait for the counter, and
+    add (coef * P) @ b_wide (the routed expand with the routing given), rounded once."""
+    del z_ref  # the zeroed buffer, aliased to buf_ref
+    pid = pl.program_id(0)
+    n, bm, d = shrink_kw["n"], shrink_kw["bm"], shrink_kw["d"]
+    one = jnp.ones((1,), jnp.float32)
+    at = jnp.full((1,), cnt, jnp.int32)
+
+    def signal(old):
+        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
+        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+
+    @pl.when(pid < n_shrink)
+    def _():
+        _shrink_body(x_ref, None, a_ref, buf_ref, lax.div(pid, nblocks), lax.rem(pid, nblocks), signal=signal,
+                     **shrink_kw)
+
+    def pre(cols, omask):
+        base = _gemv_rows(x_ref, wt_ref, cols, omask, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
+        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
+        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
+        return base, (seen < 0).astype(jnp.int32)
+
+    @pl.when(pid >= n_shrink)
+    def _():
+        _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, None, out_ref, None, None, pid - n_shrink, pre=pre,
+                     **expand_kw)
+
+
+def _gemv_dense_forward(x, wt, a, b, scaling, experts, weights, bs: BlockSizes, interpret: bool):
+    n, d = x.shape
+    e, _, r = a.shape
+    o = wt.shape[0]
+    k = experts.shape[1]
+    c = e * r
+    bm, bd, chunks, programs = routed_tiles(bs, n, d)
+    bc = min(bs.routed_block_cols, _p2(c, 16))
+    ablocks = pl.cdiv(c, bc)
+    bn = max(16, bs.gemv_block_out_tokens)
+    mem = Members(e, r, ((0, o),), o)
+    shrink_kw = dict(n=n, d=d, gc=0, c=c, bm=bm, bd=bd, bc=bc, bg=16, chunks=chunks, ablocks=ablocks,
+                     a_layout=Wide(d, r), gate=False, atomic=True, dtype=x.dtype, interpret=interpret)
+    expand_kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16), cp=_p2(c, 16), gc=0, spec=None,
+                     dtype=x.dtype, interpret=interpret)
+    n_shrink = programs * ablocks
+    size = n * c + 1
+    kern = functools.partial(_gemv_dense_kernel, n_shrink=n_shrink, nblocks=ablocks, cnt=n * c,
+                             bk=bs.gemv_block_in_tokens, shrink_kw=shrink_kw, expand_kw=expand_kw, interpret=interpret)
+    out, _ = pl.pallas_call(
+        kern, grid=(n_shrink + mem.tile_starts(bn)[-1],), input_output_aliases={7: 1},
+        out_shape=(jax.ShapeDtypeStruct((n * o,), x.dtype), jax.ShapeDtypeStruct((size,), jnp.float32)),
+        compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps, num_stages=bs.gemv_stages_tokens),
+        interpret=interpret, name="meteora_gemv_dense",
+    )(x.reshape(-1), wt.reshape(-1), a.reshape(-1), experts.reshape(-1).astype(jnp.int32),
+      weights.reshape(-1).astype(jnp.float32), b.reshape(-1), scaling.astype(jnp.float32),
+      jnp.zeros((size,), jnp.float32))
+    return out.reshape(n, o)
+
+
 def _gemv_forward(x, wt, a, b, scaling, experts, weights, bs: BlockSizes, interpret: bool):
     n, d = x.shape
+    if n >= bs.gemv_dense_from:
+        return _gemv_dense_forward(x, wt, a, b, scaling, experts, weights, bs, interpret)
     o = wt.shape[0]
     k, r = experts.shape[1], a.shape[2]
     g = gemv_tiles(bs, n, d, n * k, r)

@@ -602,6 +602,7 @@ GEMV_CPU = (  # ragged D and out tiles, r not a power of two, experts no token p
     Case(3, 70, 33, 4, 8, 2, routing="one"),
     Case(5, 130, 24, 6, 5, 1, routing="unused"),
     Case(2, 64, 48, 3, 4, 3, "bfloat16"),
+    Case(20, 48, 40, 5, 4, 2),
 )
 GEMV_GPU = (
     Case(1, 4096, 4096, 28, 8, 2, "bfloat16"),
@@ -612,9 +613,12 @@ GEMV_GPU = (
     Case(16, 4096, 1024, 28, 16, 2, "bfloat16"),
     Case(16, 576, 192, 10, 8, 2),
     Case(7, 300, 100, 9, 3, 3, routing="unused"),
+    Case(64, 4096, 4096, 28, 8, 2, "bfloat16"),
+    Case(33, 1000, 300, 7, 5, 1),
 )
 GEMV_BLOCKS = mp.BlockSizes(gemv_block_out=4, gemv_block_out_tokens=16, gemv_block_in=32, gemv_block_in_tokens=16,
-                            gemv_shrink_splits=3, gemv_shrink_block_in=16, gemv_shrink_pairs=2)
+                            gemv_shrink_splits=3, gemv_shrink_block_in=16, gemv_shrink_pairs=2, gemv_dense_from=4,
+                            routed_block_in=16, routed_splits=3, routed_block_cols=16)  # 2, 3 tokens: pairs
 
 
 def gemv_inputs(case: Case, seed: int):
@@ -682,9 +686,9 @@ def test_gemv_bad_args_are_refused():
     (x, wt, a, b, s, e, w), _ = gemv_inputs(Case(2, 32, 16, 3, 4, 2), 0)
     with pytest.raises(ValueError, match=r"wt \(32, 16\) must be the base weight transposed, \[out=16, in=32\]"):
         mp.meteora_gemv(x, wt.T, a, b, s, e, w, interpret=True)
-    x17 = jnp.zeros((17, 32), x.dtype)
-    with pytest.raises(ValueError, match=r"takes 1..16 tokens"):
-        mp.meteora_gemv(x17, wt, a, b, s, jnp.zeros((17, 2), jnp.int32), jnp.ones((17, 2)), interpret=True)
+    x65 = jnp.zeros((65, 32), x.dtype)
+    with pytest.raises(ValueError, match=r"takes 1..64 tokens"):
+        mp.meteora_gemv(x65, wt, a, b, s, jnp.zeros((65, 2), jnp.int32), jnp.ones((65, 2)), interpret=True)
 
 
 GEMV_PACKED_CPU = tuple(c for c in PACKED_CPU if sum(size for _, size in c.spans) == c.ld)  # spans cover y
@@ -728,5 +732,5 @@ def test_gemv_expand_bad_args_are_refused():
         mp.meteora_gemv_expand(x, zt[:, :10], b, s, c.spans, **kw)
     with pytest.raises(ValueError, match="must cover all 80 columns"):
         mp.meteora_gemv_expand(x, zt, b, s, ((0, 48), (48, 16), (66, 14)), **kw)
-    with pytest.raises(ValueError, match=r"takes 1..16 tokens"):
-        mp.meteora_gemv_expand(jnp.zeros((17, c.d), x.dtype), zt, b, s, c.spans, **kw)
+    with pytest.raises(ValueError, match=r"takes 1..64 tokens"):
+        mp.meteora_gemv_expand(jnp.zeros((65, c.d), x.dtype), zt, b, s, c.spans, **kw)
