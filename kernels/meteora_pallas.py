@@ -826,6 +826,9 @@ def meteora_fused_add(x, y, a, b, scaling, experts, weights, *, block_sizes: Blo
 #   programs [S, S + O/bn) their bn output rows of x @ W (f32), then spin on the counter until all S shrink
 #                         programs are counted, then add sum_p c_p h[p] @ b[e_p][:, rows] and store y once.
 # The shrink programs come first in the grid, so they are scheduled before the programs that wait on them.
+# From `BlockSizes.gemv_dense_from` tokens on (`_gemv_dense_kernel`), the shrink is the routed kernels' (x against
+# every expert's A in tensor-core tiles) and the output programs run the routed expand with the routing given.
+# Measured (gemv/README.md): 1.01x to 1.10x the XLA base product at one token; 1.35x to 1.71x at 16, 2x+ at 64.
 
 def _gemv_kernel(x_ref, wt_ref, a_ref, b_ref, s_ref, e_ref, w_ref, z_ref, o_ref, buf_ref, *, n, d, o, k, r, bm, bn,
                  bk, pp, rp, ppb, n_ds, n_shrink, chunk, sbk, interpret):
