@@ -404,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "gives the gate logits and shrinks, and each group's routing and adapters run in one Pallas "
                    "kernel)")
     r.add_argument("--forced-expert", help="route every token to this expert (name or index): one LoRA, as PEFT")
-    r.add_argument("--oracle", action="store_true", help="answer each task with the expert named like it forced")
+    r.add_argument("--oracle", action="store_true",
+                   help="answer each task, and each composite sub-question (stepwise / restate), with the expert "
+                        "named like its task forced")
     r.add_argument("--no-adapters", action="store_true", help="adapters off: exactly the base model")
     r.add_argument("--composite-temperature", default="",
                    help="temperature per composite size, e.g. 3=15,5=20,10=30 (default: --temperature)")
