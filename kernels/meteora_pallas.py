@@ -200,6 +200,44 @@ def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=prec)
 
 
+def _count(buf_ref, at, old, interpret):
+    """+1 on the counter buf[at] once this program's atomic adds are done: the sum below needs every lane's
+    returned value `old`. (Atomics are acquire-release at GPU scope, as every Pallas atomic.)"""
+    token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
+    _store(buf_ref, at, jnp.ones((1,), jnp.float32) + token, at >= 0, interpret, atomic=True)
+
+
+def _wait(buf_ref, at, total, interpret):
+    """Spin until the counter buf[at] reaches `total`; returns an int32 0 to add to later offsets into buf, which
+    orders those loads after the wait."""
+    zero = jnp.zeros((1,), jnp.float32)
+    poll = lambda: jnp.sum(_store(buf_ref, at, zero, at >= 0, interpret, atomic=True))  # noqa: E731
+    seen = lax.while_loop(lambda v: v < total, lambda v: poll(), poll())
+    return (seen < 0).astype(jnp.int32)
+
+
+def _pair_shrink(x_ref, a_ref, tok, e, pmask, rr, rmask, start, steps, bk, *, d, r, interpret):
+    """h [pairs, rp] f32: x[tok p, D range] @ a[e_p][D range] for each (token, slot) pair p, as matrix-vector
+    products over `steps` D tiles of bk from `start` (the chosen experts' A only)."""
+    def body(t, h):
+        dd = start + t * bk + _iota(bk)
+        dmask = dd < d
+        xv = _load(x_ref, tok[:, None] * d + dd[None, :], pmask[:, None] & dmask[None, :], interpret)
+        amask = pmask[:, None, None] & dmask[None, :, None] & rmask[None, None, :]
+        av = _load(a_ref, e[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :], amask, interpret)
+        return h + jnp.sum(xv.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
+
+    return lax.fori_loop(0, steps, body, jnp.zeros((tok.shape[0], rr.shape[0]), jnp.float32))
+
+
+def _pair_expand(h, c, e, b_ref, pmask, rr, rmask, cols, cmask, *, r, o, dtype, interpret):
+    """[pairs, bn] f32: c_p h[p] (rounded to `dtype`) @ b[e_p][:, cols] for each pair p."""
+    h = (h * c[:, None]).astype(dtype).astype(jnp.float32)
+    bmask = pmask[:, None, None] & rmask[None, :, None] & cmask[None, None, :]
+    bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :], bmask, interpret)
+    return jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)
+
+
 # ------------------------------------------------------------------------------------------ the matmul
 def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, route, dtype, interpret):
     """out[i, j] (+)= sum_t lhs[i, t] rhs[t, j] over this program's share of t; see `_matmul`."""
@@ -283,20 +321,9 @@ def _decode_kernel(x_ref, a_ref, b_ref, s_ref, e_ref, w_ref, o_ref, *, n_tok, d,
     c = _load(w_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
     rr = _iota(rp)
     rmask = rr < r
-
-    def body(t, h):
-        dd = t * bk + _iota(bk)
-        dmask = dd < d
-        xv = _load(x_ref, tok[:, None] * d + dd[None, :], pmask[:, None] & dmask[None, :], interpret)
-        amask = pmask[:, None, None] & dmask[None, :, None] & rmask[None, None, :]
-        av = _load(a_ref, e[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :], amask, interpret)
-        return h + jnp.sum(xv.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
-
-    h = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((pp, rp), jnp.float32))
-    h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
-    bmask = pmask[:, None, None] & rmask[None, :, None] & cmask[None, None, :]
-    bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :], bmask, interpret)
-    contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)  # [pp, bn]
+    h = _pair_shrink(x_ref, a_ref, tok, e, pmask, rr, rmask, 0, pl.cdiv(d, bk), bk, d=d, r=r, interpret=interpret)
+    contrib = _pair_expand(h, c, e, b_ref, pmask, rr, rmask, cols, cmask, r=r, o=o, dtype=x_ref.dtype,
+                           interpret=interpret)  # [pp, bn]
     for i in range(n_tok):
         row = jnp.sum(jnp.where((tok == i)[:, None], contrib, 0.0), axis=0)
         _store(o_ref, i * o + cols, row.astype(o_ref.dtype), cmask, interpret)
@@ -781,12 +808,8 @@ def _routed_one_kernel(x_ref, g_ref, a_ref, *refs, n_shrink, nblocks, cnt, has_y
     out_ref, buf_ref = refs.pop(0), refs.pop(0)
     ex_ref, wt_ref = (None, None) if given else refs
     pid = pl.program_id(0)
-    one = jnp.ones((1,), jnp.float32)
     at = jnp.full((1,), cnt, jnp.int32)
-
-    def signal(old):  # the sum needs every lane's returned value: all adds of this program are done
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+    signal = lambda old: _count(buf_ref, at, old, interpret)  # noqa: E731
 
     @pl.when(pid < n_shrink)
     def _():
@@ -795,9 +818,7 @@ def _routed_one_kernel(x_ref, g_ref, a_ref, *refs, n_shrink, nblocks, cnt, has_y
 
     @pl.when(pid >= n_shrink)
     def _():
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))
-        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
-        tile = pid - n_shrink + (seen < 0).astype(jnp.int32)  # (0: orders the expand after the wait)
+        tile = pid - n_shrink + _wait(buf_ref, at, n_shrink, interpret)  # (+ 0: orders the expand after the wait)
         _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, tile, **expand_kw)
 
 
@@ -842,59 +863,28 @@ def _gemv_kernel(x_ref, wt_ref, a_ref, b_ref, s_ref, e_ref, w_ref, z_ref, o_ref,
     e = _load(e_ref, p, pmask, interpret)
     hmask = pmask[:, None] & rrmask[None, :]
     at = jnp.full((1,), pp * rp, jnp.int32)
-    one = jnp.ones((1,), jnp.float32)
 
     @pl.when(pid < n_shrink)
     def _():  # program (pair group, D range)
         q = lax.div(pid, n_ds) * ppb + _iota(ppb)
         qmask = q < n * k
-        qtok = lax.div(q, k)
-        qe = _load(e_ref, q, qmask, interpret)
-        ds = lax.rem(pid, n_ds)
-
-        def body(t, h):
-            dd = ds * chunk + t * sbk + _iota(sbk)
-            dmask = dd < d
-            xp = _load(x_ref, qtok[:, None] * d + dd[None, :], qmask[:, None] & dmask[None, :], interpret)
-            av = _load(a_ref, qe[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :],
-                       qmask[:, None, None] & dmask[None, :, None] & rrmask[None, None, :], interpret)
-            return h + jnp.sum(xp.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
-
-        h = lax.fori_loop(0, chunk // sbk, body, jnp.zeros((ppb, rp), jnp.float32))
+        h = _pair_shrink(x_ref, a_ref, lax.div(q, k), _load(e_ref, q, qmask, interpret), qmask, rr, rrmask,
+                         lax.rem(pid, n_ds) * chunk, chunk // sbk, sbk, d=d, r=r, interpret=interpret)
         old = _store(buf_ref, q[:, None] * rp + rr[None, :], h, qmask[:, None] & rrmask[None, :], interpret,
                      atomic=True)
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0  # needs every add's returned value: all done
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+        _count(buf_ref, at, old, interpret)
 
     @pl.when(pid >= n_shrink)
     def _():
         cols = (pid - n_shrink) * bn + _iota(bn)
         cmask = cols < o
         rows = _iota(bm)
-        rmask = rows < n
-
-        def body(t, acc):
-            dd = t * bk + _iota(bk)
-            dmask = dd < d
-            wv = _load(wt_ref, cols[:, None] * d + dd[None, :], cmask[:, None] & dmask[None, :], interpret)
-            if n == 1:  # [bn, bk] products reduced over the D tile
-                xv = _load(x_ref, dd, dmask, interpret)
-                return acc + jnp.sum(xv.astype(jnp.float32)[None, :] * wv.astype(jnp.float32), axis=1)
-            xv = _load(x_ref, rows[:, None] * d + dd[None, :], rmask[:, None] & dmask[None, :], interpret)
-            prec = lax.Precision.HIGHEST if xv.dtype == jnp.float32 else None
-            return acc + lax.dot_general(xv, wv, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                                         precision=prec)
-
-        acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,) if n == 1 else (bm, bn), jnp.float32))
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
-        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
-        after = (seen < 0).astype(jnp.int32)  # 0; orders the loads of h after the wait
+        acc = _gemv_acc(x_ref, wt_ref, cols, cmask, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
+        after = _wait(buf_ref, at, n_shrink, interpret)
         h = _load(buf_ref, p[:, None] * rp + rr[None, :] + after, hmask, interpret)
         c = _load(w_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
-        h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
-        bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :],
-                   pmask[:, None, None] & rrmask[None, :, None] & cmask[None, None, :], interpret)
-        contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)  # [pp, bn]
+        contrib = _pair_expand(h, c, e, b_ref, pmask, rr, rrmask, cols, cmask, r=r, o=o, dtype=x_ref.dtype,
+                               interpret=interpret)  # [pp, bn]
         for i in range(n):
             base = acc if n == 1 else jnp.sum(jnp.where((rows == i)[:, None], acc, 0.0), axis=0)
             row = base + jnp.sum(jnp.where((tok == i)[:, None], contrib, 0.0), axis=0)
@@ -923,12 +913,8 @@ def _gemv_dense_kernel(x_ref, wt_ref, a_ref, e_ref, w_ref, b_ref, s_ref, z_ref, 
     del z_ref  # the zeroed buffer, aliased to buf_ref
     pid = pl.program_id(0)
     n, bm, d = shrink_kw["n"], shrink_kw["bm"], shrink_kw["d"]
-    one = jnp.ones((1,), jnp.float32)
     at = jnp.full((1,), cnt, jnp.int32)
-
-    def signal(old):
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+    signal = lambda old: _count(buf_ref, at, old, interpret)  # noqa: E731
 
     @pl.when(pid < n_shrink)
     def _():
@@ -937,9 +923,7 @@ def _gemv_dense_kernel(x_ref, wt_ref, a_ref, e_ref, w_ref, b_ref, s_ref, z_ref, 
 
     def pre(cols, omask):
         base = _gemv_rows(x_ref, wt_ref, cols, omask, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
-        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
-        return base, (seen < 0).astype(jnp.int32)
+        return base, _wait(buf_ref, at, n_shrink, interpret)
 
     @pl.when(pid >= n_shrink)
     def _():
@@ -1233,8 +1217,9 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
 # base columns (rows of zt), spin until all X are counted, then route, expand and store y as
 # `meteora_routed_expand` does with z, the base taken from their own product (f32, rounded once).
 
-def _gemv_rows(x_ref, zt_ref, cols, cmask, *, n, d, bm, bk, interpret):
-    """f32 [bm, bn]: rows `cols` of zt [., d] times x [n, d] (products over D tiles of bk)."""
+def _gemv_acc(x_ref, zt_ref, cols, cmask, *, n, d, bm, bk, interpret):
+    """Rows `cols` of zt [., d] times x [n, d] in f32 (products over D tiles of bk): [bn] for one token (matrix-
+    vector products reduced over each D tile), else [bm, bn] (tensor-core tiles)."""
     rows = _iota(bm)
     rmask = rows < n
 
@@ -1251,8 +1236,13 @@ def _gemv_rows(x_ref, zt_ref, cols, cmask, *, n, d, bm, bk, interpret):
                                      precision=prec)
 
     bn = cols.shape[0]
-    acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,) if n == 1 else (bm, bn), jnp.float32))
-    return jnp.where(rows[:, None] == 0, acc[None, :], 0.0) if n == 1 else acc
+    return lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,) if n == 1 else (bm, bn), jnp.float32))
+
+
+def _gemv_rows(x_ref, zt_ref, cols, cmask, *, n, d, bm, bk, interpret):
+    """`_gemv_acc` as a [bm, bn] tile (one token: in row 0)."""
+    acc = _gemv_acc(x_ref, zt_ref, cols, cmask, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
+    return jnp.where(_iota(bm)[:, None] == 0, acc[None, :], 0.0) if n == 1 else acc
 
 
 def _gemv_expand_kernel(x_ref, zt_ref, b_ref, s_ref, z_ref, out_ref, buf_ref, ex_ref, wt_ref, *, n, d, ld, ldz,
@@ -1263,7 +1253,6 @@ def _gemv_expand_kernel(x_ref, zt_ref, b_ref, s_ref, z_ref, out_ref, buf_ref, ex
     rows = _iota(bm)
     rmask = rows < n
     at = jnp.full((1,), n * ldz, jnp.int32)
-    one = jnp.ones((1,), jnp.float32)
     gemv = functools.partial(_gemv_rows, x_ref, zt_ref, n=n, d=d, bm=bm, bk=bk, interpret=interpret)
 
     @pl.when(pid < n_extra)
@@ -1272,14 +1261,11 @@ def _gemv_expand_kernel(x_ref, zt_ref, b_ref, s_ref, z_ref, out_ref, buf_ref, ex
         cmask = cols < ldz
         old = _store(buf_ref, rows[:, None] * ldz + cols[None, :], gemv(cols, cmask), rmask[:, None] & cmask[None, :],
                      interpret, atomic=True)
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0  # needs every add's returned value: all done
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+        _count(buf_ref, at, old, interpret)
 
     def pre(cols, omask):
         base = gemv(cols, omask)
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))  # noqa: E731
-        seen = lax.while_loop(lambda v: v < n_extra, lambda v: poll(), poll())
-        return base, (seen < 0).astype(jnp.int32)
+        return base, _wait(buf_ref, at, n_extra, interpret)
 
     @pl.when(pid >= n_extra)
     def _():
