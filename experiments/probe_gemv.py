@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from experiments.bench_layer import LAYERS, PASSES, make_layers, time_call, to_jax  # noqa: E402
-from kernels.meteora_pallas import _dot, _iota, _load, _store  # noqa: E402
+from kernels import meteora_pallas as mp  # noqa: E402
+from kernels.meteora_pallas import _count, _dot, _iota, _load, _pair_expand, _pair_shrink, _store, _wait  # noqa: E402
 
 
 def _kernel(x_ref, w_ref, a_ref, b_ref, s_ref, e_ref, wt_ref, o_ref, *, n, d, o, k, r, bn, bk, pp, rp, adapter,
@@ -117,9 +118,7 @@ def main():
     params, xj = to_jax(layers, x)
     base = bench(lambda x, p: x @ p["W"], params, xj)
     print(json.dumps(dict(what="xla-base", us=base * 1e6)), flush=True)
-    if args.trans:
-        for p in params:
-            p["WT"] = p["W"].T.copy()
+    if args.trans:  # to_jax stores W^T as p["WT"]
         bt = bench(lambda x, p: lax.dot_general(x, p["WT"], (((1,), (1,)), ((), ()))), params, xj)
         print(json.dumps(dict(what="xla-base-WT", us=bt * 1e6)), flush=True)
     p0 = params[0]
@@ -153,82 +152,6 @@ def main():
 
 
 
-def _one_kernel(x_ref, w_ref, a_ref, b_ref, s_ref, e_ref, wt_ref, z_ref, o_ref, buf_ref, *, n, d, o, k, r, bn, bk,
-                pp, rp, n_shrink, chunk, sbk, interpret):
-    """Programs [0, n_shrink): h[p] += x[tok p, D range] @ a[e_p][D range] (atomics into buf), then count.
-    The rest: their rows of x @ W^T, then wait for the count, then + sum_p c_p h[p] @ b[e_p][:, rows]."""
-    pid = pl.program_id(0)
-    p = _iota(pp)
-    pmask = p < n * k
-    tok = lax.div(p, k)
-    rr = _iota(rp)
-    rrmask = rr < r
-    e = _load(e_ref, p, pmask, interpret)
-    cnt = pp * rp
-    at = jnp.full((1,), cnt, jnp.int32)
-    one = jnp.ones((1,), jnp.float32)
-
-    @pl.when(pid < n_shrink)
-    def _():
-        def body(t, h):
-            dd = pid * chunk + t * sbk + _iota(sbk)
-            dmask = dd < d
-            xp = _load(x_ref, tok[:, None] * d + dd[None, :], pmask[:, None] & dmask[None, :], interpret)
-            av = _load(a_ref, e[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :],
-                       pmask[:, None, None] & dmask[None, :, None] & rrmask[None, None, :], interpret)
-            return h + jnp.sum(xp.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
-
-        h = lax.fori_loop(0, chunk // sbk, body, jnp.zeros((pp, rp), jnp.float32))
-        off = p[:, None] * rp + rr[None, :]
-        old = _store(buf_ref, off, h, pmask[:, None] & rrmask[None, :], interpret, atomic=True)
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
-
-    @pl.when(pid >= n_shrink)
-    def _():
-        cols = (pid - n_shrink) * bn + _iota(bn)
-        cmask = cols < o
-
-        def body(t, acc):
-            dd = t * bk + _iota(bk)
-            dmask = dd < d
-            wv = _load(w_ref, cols[:, None] * d + dd[None, :], cmask[:, None] & dmask[None, :], interpret)
-            xv = _load(x_ref, dd, dmask, interpret)
-            return acc + jnp.sum(xv.astype(jnp.float32)[None, :] * wv.astype(jnp.float32), axis=1)
-
-        acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn,), jnp.float32))
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))
-        seen = lax.while_loop(lambda v: v < n_shrink, lambda v: poll(), poll())
-        after = (seen < 0).astype(jnp.int32)  # 0: orders the loads below after the wait
-        h = _load(buf_ref, p[:, None] * rp + rr[None, :] + after, pmask[:, None] & rrmask[None, :], interpret)
-        c = _load(wt_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
-        h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
-        bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :],
-                   pmask[:, None, None] & rrmask[None, :, None] & cmask[None, None, :], interpret)
-        contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)  # [pp, bn]
-        _store(o_ref, cols, (acc + jnp.sum(contrib, axis=0)).astype(o_ref.dtype), cmask, interpret)
-
-
-def gemv_one(x, wt, a, b, s, e, w, *, bn, bk, warps, stages, n_shrink=8, sbk=64, interpret=False):
-    n, d = x.shape
-    assert n == 1
-    o = wt.shape[0]
-    k, r = e.shape[1], a.shape[2]
-    pp = max(1, 1 << (n * k - 1).bit_length())
-    rp = max(1, 1 << (r - 1).bit_length())
-    chunk = pl.cdiv(pl.cdiv(d, n_shrink), sbk) * sbk
-    n_shrink = pl.cdiv(d, chunk)
-    kern = functools.partial(_one_kernel, n=n, d=d, o=o, k=k, r=r, bn=bn, bk=bk, pp=pp, rp=rp, n_shrink=n_shrink,
-                             chunk=chunk, sbk=sbk, interpret=interpret)
-    out, _ = pl.pallas_call(
-        kern, grid=(n_shrink + pl.cdiv(o, bn),), input_output_aliases={7: 1},
-        out_shape=(jax.ShapeDtypeStruct((n * o,), x.dtype), jax.ShapeDtypeStruct((pp * rp + 1,), jnp.float32)),
-        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages), interpret=interpret,
-        name="probe_gemv_one")(x.reshape(-1), wt.reshape(-1), a.reshape(-1), b.reshape(-1), s, e.reshape(-1),
-                               w.reshape(-1), jnp.zeros((pp * rp + 1,), jnp.float32))
-    return out.reshape(n, o)
-
-
 def _split_kernel(x_ref, w_ref, a_ref, b_ref, s_ref, e_ref, wt_ref, z_ref, o_ref, buf_ref, *, n, d, o, k, r, bn, bk,
                   pp, rp, n_shrink, chunk, sbk, splits, dsplit, n_gemv, bnf, interpret):
     """W [D, O] as stored. Programs: shrink (h, atomics) | gemv (col block x D split, atomics into f32 y) |
@@ -241,28 +164,15 @@ def _split_kernel(x_ref, w_ref, a_ref, b_ref, s_ref, e_ref, wt_ref, z_ref, o_ref
     rrmask = rr < r
     e = _load(e_ref, p, pmask, interpret)
     hsz = pp * rp
-    cnt = hsz + o
-    at = jnp.full((1,), cnt, jnp.int32)
-    one = jnp.ones((1,), jnp.float32)
-
-    def signal(old):
-        token = jnp.sum(jnp.where(old > 3e38, 1.0, 0.0)) * 0.0
-        _store(buf_ref, at, one + token, at >= 0, interpret, atomic=True)
+    at = jnp.full((1,), hsz + o, jnp.int32)
 
     @pl.when(pid < n_shrink)
     def _():
-        def body(t, h):
-            dd = pid * chunk + t * sbk + _iota(sbk)
-            dmask = dd < d
-            xp = _load(x_ref, tok[:, None] * d + dd[None, :], pmask[:, None] & dmask[None, :], interpret)
-            av = _load(a_ref, e[:, None, None] * (d * r) + dd[None, :, None] * r + rr[None, None, :],
-                       pmask[:, None, None] & dmask[None, :, None] & rrmask[None, None, :], interpret)
-            return h + jnp.sum(xp.astype(jnp.float32)[:, :, None] * av.astype(jnp.float32), axis=1)
-
-        h = lax.fori_loop(0, chunk // sbk, body, jnp.zeros((pp, rp), jnp.float32))
+        h = _pair_shrink(x_ref, a_ref, tok, e, pmask, rr, rrmask, pid * chunk, chunk // sbk, sbk, d=d, r=r,
+                         interpret=interpret)
         old = _store(buf_ref, p[:, None] * rp + rr[None, :], h, pmask[:, None] & rrmask[None, :], interpret,
                      atomic=True)
-        signal(old)
+        _count(buf_ref, at, old, interpret)
 
     @pl.when((pid >= n_shrink) & (pid < n_shrink + n_gemv))
     def _():
@@ -280,23 +190,18 @@ def _split_kernel(x_ref, w_ref, a_ref, b_ref, s_ref, e_ref, wt_ref, z_ref, o_ref
 
         acc = lax.fori_loop(0, dsplit // bk, body, jnp.zeros((bn,), jnp.float32))
         old = _store(buf_ref, hsz + cols, acc, cmask, interpret, atomic=True)
-        signal(old)
+        _count(buf_ref, at, old, interpret)
 
     @pl.when(pid >= n_shrink + n_gemv)
     def _():
         cols = (pid - n_shrink - n_gemv) * bnf + _iota(bnf)
         cmask = cols < o
-        total = n_shrink + n_gemv
-        poll = lambda: jnp.sum(_store(buf_ref, at, one * 0.0, at >= 0, interpret, atomic=True))
-        seen = lax.while_loop(lambda v: v < total, lambda v: poll(), poll())
-        after = (seen < 0).astype(jnp.int32)
+        after = _wait(buf_ref, at, n_shrink + n_gemv, interpret)
         h = _load(buf_ref, p[:, None] * rp + rr[None, :] + after, pmask[:, None] & rrmask[None, :], interpret)
         y = _load(buf_ref, hsz + cols + after, cmask, interpret)
         c = _load(wt_ref, p, pmask, interpret) * _load(s_ref, e, pmask, interpret)
-        h = (h * c[:, None]).astype(x_ref.dtype).astype(jnp.float32)
-        bv = _load(b_ref, e[:, None, None] * (r * o) + rr[None, :, None] * o + cols[None, None, :],
-                   pmask[:, None, None] & rrmask[None, :, None] & cmask[None, None, :], interpret)
-        contrib = jnp.sum(h[:, :, None] * bv.astype(jnp.float32), axis=1)
+        contrib = _pair_expand(h, c, e, b_ref, pmask, rr, rrmask, cols, cmask, r=r, o=o, dtype=x_ref.dtype,
+                               interpret=interpret)
         _store(o_ref, cols, (y + jnp.sum(contrib, axis=0)).astype(o_ref.dtype), cmask, interpret)
 
 
@@ -327,23 +232,22 @@ def gemv_split(x, w, a, b, s, e, wt, *, bn, bk, splits, warps, stages, n_shrink=
 
 
 def main_one():
-    """XLA base (W and W^T), the redundant-h kernel and the one-launch kernel, T = 1, alternating, 3 rounds."""
+    """XLA base (W and W^T), the one-launch kernel over W^T (`meteora_gemv`, its prototype's tilings) and the
+    split kernel over W, T = 1, alternating, 3 rounds."""
     layers, x = make_layers(1)
-    params, xj = to_jax(layers, x)
-    for p in params:
-        p["WT"] = p["W"].T.copy()
+    params, xj = to_jax(layers, x)  # with W^T as p["WT"]
     p0 = params[0]
     from kernels.meteora_pallas import meteora_reference
     ref = np.asarray(xj, np.float32) @ np.asarray(p0["W"], np.float32) + np.asarray(meteora_reference(
         xj.astype(jnp.float32), p0["A"].astype(jnp.float32), p0["B"].astype(jnp.float32), p0["s"], p0["e"], p0["w"]))
     cands = {"xla-base": lambda x, p: x @ p["W"],
              "xla-base-WT": lambda x, p: lax.dot_general(x, p["WT"], (((1,), (1,)), ((), ())))}
-    f = functools.partial(gemv_one, bn=4, bk=512, warps=4, stages=4, n_shrink=16, sbk=64)
-    cands["one-bn4-ns16"] = lambda x, p, f=f: f(x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"])
-    for ns in (32, 64):
-        for bn, bk, wp, st in ((4, 512, 4, 4), (16, 1024, 8, 3)):
-            f = functools.partial(gemv_one, bn=bn, bk=bk, warps=wp, stages=st, n_shrink=ns, sbk=64)
-            cands[f"one-bn{bn}-ns{ns}"] = lambda x, p, f=f: f(x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"])
+    for bn, bk, wp, st, ns in ((4, 512, 4, 4, 16), (4, 512, 4, 4, 32), (16, 1024, 8, 3, 32), (4, 512, 4, 4, 64),
+                               (16, 1024, 8, 3, 64)):
+        bs = mp.BlockSizes(gemv_block_out=bn, gemv_block_in=bk, gemv_warps=wp, gemv_stages=st, gemv_shrink_splits=ns,
+                           gemv_shrink_block_in=64, gemv_shrink_pairs=2)
+        cands[f"one-bn{bn}-ns{ns}"] = lambda x, p, bs=bs: mp.meteora_gemv(
+            x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"], block_sizes=bs)
     for bn, bk, sp, wp, st in ((64, 256, 4, 4, 3), (128, 128, 4, 4, 3), (128, 256, 8, 4, 3), (64, 128, 8, 4, 4),
                                (256, 64, 8, 8, 3), (128, 128, 16, 4, 3), (64, 256, 2, 4, 3)):
         f = functools.partial(gemv_split, bn=bn, bk=bk, splits=sp, warps=wp, stages=st, n_shrink=32, sbk=64)
@@ -366,8 +270,6 @@ def main_one():
 
 def tune_gemv(tokens=(16, 64)):
     """`kernels.meteora_pallas.meteora_gemv` block sizes against the XLA base product, per T."""
-    from kernels import meteora_pallas as mp
-
     grid = {1: [dict(), dict(gemv_block_out=16), dict(gemv_shrink_splits=32), dict(gemv_block_out=4)],
             "many": [dict(), dict(gemv_dense_from=99), dict(routed_splits=32), dict(routed_block_in=128),
                      dict(gemv_block_out_tokens=64), dict(gemv_block_in_tokens=512), dict(gemv_warps=8),
