@@ -41,16 +41,23 @@ def load_base(path: str | os.PathLike, *, dtype: str | None = None) -> Llama:
     return load_hf_llama(path, dtype=dtype or "float32")
 
 
+def expert_index(expert: str | int, names: Sequence[str], what: str = "forced_expert") -> int:
+    """The index of an expert given by name, by index, or by an index written as text (command lines)."""
+    if isinstance(expert, str):
+        if expert in names:
+            return list(names).index(expert)
+        if expert.isdigit() and int(expert) < len(names):
+            return int(expert)
+    elif isinstance(expert, int) and not isinstance(expert, bool) and 0 <= expert < len(names):
+        return expert
+    raise ValueError(f"{what}={expert!r} is not an expert name or index; experts: {list(names)}")
+
+
 def _resolve_routing(routing: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     routing = dict(routing)
     forced = routing.get("forced_expert")
-    if isinstance(forced, str):  # a name, or an index written as text (command lines)
-        if forced in names:
-            routing["forced_expert"] = list(names).index(forced)
-        elif forced.isdigit() and int(forced) < len(names):
-            routing["forced_expert"] = int(forced)
-        else:
-            raise ValueError(f"forced_expert={forced!r} is not an expert name or index; experts: {list(names)}")
+    if isinstance(forced, str):
+        routing["forced_expert"] = expert_index(forced, names)
     top_k = routing.get("top_k")
     if top_k is not None and not 1 <= top_k <= len(names):
         raise ValueError(f"top_k must be in 1..{len(names)} (the number of experts), got {top_k}")

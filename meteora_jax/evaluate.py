@@ -162,8 +162,9 @@ class Answerer:
         self._newline = None
 
     def __call__(self, prompts: Sequence[Sequence[int]], budgets: int | Sequence[int],
-                 one_line: bool = False) -> list[str]:
-        """Answer text per prompt (special tokens dropped, stripped; first line only if `one_line`)."""
+                 one_line: bool = False, experts: Sequence[int] | None = None) -> list[str]:
+        """Answer text per prompt (special tokens dropped, stripped; first line only if `one_line`). `experts`:
+        per prompt, the expert that answers it alone (`generate`'s `forced_experts`; -1: the gates route)."""
         budgets = [budgets] * len(prompts) if isinstance(budgets, int) else list(budgets)
         stop_tokens, stop_seqs = (), ()
         if one_line:
@@ -181,7 +182,8 @@ class Answerer:
                            + self.gen.bucket(max(budget, self.max_new_cap)))
             res = self.gen.generate(self.model, [prompts[i] for i in idx], max_new_tokens=budget,
                                     eos_token_ids=self.eos, stop_token_ids=stop_tokens, stop_sequences=stop_seqs,
-                                    max_len=max_len, min_new_tokens=self.min_new_tokens)
+                                    max_len=max_len, min_new_tokens=self.min_new_tokens,
+                                    forced_experts=None if experts is None else [experts[i] for i in idx])
             for i, toks in zip(idx, res.tokens, strict=True):
                 text = self.tok.decode(toks[:budgets[i]], skip_special_tokens=True)
                 out[i] = (text.split("\n", 1)[0] if one_line else text).strip()
@@ -190,7 +192,8 @@ class Answerer:
 
 def evaluate_tasks(answer: Answerer, rows: dict[str, list[dict]], specs: dict[str, dict], names: Sequence[str],
                    max_new_cap: int, oracle: bool = False) -> tuple[dict, dict]:
-    """(per-task scores, per-task predictions). `oracle`: each task answered with its own expert forced."""
+    """(per-task scores, per-task predictions). `oracle`: each task answered with its own expert forced (per
+    prompt, so the tasks still share batches and compiled programs)."""
     index = {n: i for i, n in enumerate(names)}
     jobs = {}
     for task, task_rows in rows.items():
@@ -201,15 +204,11 @@ def evaluate_tasks(answer: Answerer, rows: dict[str, list[dict]], specs: dict[st
         jobs[task] = (ids, refs, answer_budget(answer.tok, refs, max_new_cap))
     got: dict[str, list[str]] = {}
     t0 = time.perf_counter()
-    if oracle:
-        for task, (ids, _, budget) in jobs.items():
-            set_routing(answer.model, forced_expert=index[task])
-            got[task] = answer(ids, budget)
-    else:  # every task in one pass: shared batches
-        flat = [(task, i) for task, (ids, _, _) in jobs.items() for i in ids]
-        texts = answer([i for _, i in flat], [jobs[t][2] for t, _ in flat])
-        for (task, _), text in zip(flat, texts, strict=True):
-            got.setdefault(task, []).append(text)
+    flat = [(task, i) for task, (ids, _, _) in jobs.items() for i in ids]  # every task in one pass: shared batches
+    texts = answer([i for _, i in flat], [jobs[t][2] for t, _ in flat],
+                   experts=[index[t] for t, _ in flat] if oracle else None)
+    for (task, _), text in zip(flat, texts, strict=True):
+        got.setdefault(task, []).append(text)
     seconds = round(time.perf_counter() - t0, 2)
     scores, preds = {}, {}
     for task, (_, refs, budget) in jobs.items():
@@ -233,8 +232,8 @@ def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict
     """(scores, predictions, final token ids per sample) of one composite set.
 
     `oracle` (stepwise / restate only): answer k of every sample is generated with the expert named like its
-    sub-task forced for the whole sequence (one LoRA per sub-question, as if the task were known); the model's
-    routing is left automatic afterwards."""
+    sub-task forced for the whole sequence (one LoRA per sub-question, as if the task were known), every sample in
+    one pass (`generate`'s per-prompt `forced_experts`)."""
     if mode not in COMPOSITE_MODES:
         raise ValueError(f"composite mode must be one of {COMPOSITE_MODES}, got {mode!r}")
     n = len(rows[0]["sub_tasks"])
@@ -265,19 +264,8 @@ def evaluate_composite(answer: Answerer, rows: list[dict], specs: dict[str, dict
                 marker = qs[k] if mode == "restate" else f"{k + 1}."
                 marker = ("" if k == 0 and mode == "stepwise" else "\n") + marker
                 f.extend(answer.tok(marker, add_special_tokens=False)["input_ids"])
-            if oracle:  # one forced expert per sub-task at position k
-                got = [""] * len(rows)
-                for task in sorted({r["sub_tasks"][k] for r in rows}):
-                    idx = [i for i, r in enumerate(rows) if r["sub_tasks"][k] == task]
-                    set_routing(answer.model, forced_expert=index[task])
-                    try:
-                        texts_k = answer([finals[i] for i in idx], budgets[task], one_line=True)
-                    finally:
-                        set_routing(answer.model, forced_expert=None)
-                    for i, t in zip(idx, texts_k, strict=True):
-                        got[i] = t
-            else:
-                got = answer(finals, [budgets[r["sub_tasks"][k]] for r in rows], one_line=True)
+            got = answer(finals, [budgets[r["sub_tasks"][k]] for r in rows], one_line=True,  # oracle: per sample,
+                         experts=[index[r["sub_tasks"][k]] for r in rows] if oracle else None)  # its k-th task
             for f, a, g in zip(finals, answers, got, strict=True):
                 a.append(g)
                 if g:
@@ -450,8 +438,9 @@ def load_model(args) -> Llama:
                      adapters_enabled=False if args.no_adapters else None, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.oracle and not isinstance(model, MeteoraLlama):
-        raise SystemExit("error: --oracle needs a MeteoRA model; this one has no experts")
+    if args.oracle and not (isinstance(model, MeteoraLlama) and model.meteora_config.adapters_enabled):
+        raise SystemExit("error: --oracle needs a MeteoRA model with its adapters on; this one has no experts"
+                         + (" (--no-adapters)" if args.no_adapters else ""))
     return model
 
 
@@ -524,8 +513,6 @@ def main(argv: list[str] | None = None) -> int:
         result["tasks"], result["predictions"]["tasks"] = evaluate_tasks(answer, rows, specs, names,
                                                                           args.max_new_tokens, args.oracle)
         result["average"] = float(np.mean([s["score"] for s in result["tasks"].values()]))
-        if args.oracle:
-            set_routing(model, forced_expert=None)
         if has_auto_routing(model) and not args.no_routing_accuracy and not args.oracle:
             index = {n: i for i, n in enumerate(names)}
             ex = encode([single_sample(r, index.get(t, -1)) for t, rs in rows.items() for r in rs], tok)

@@ -11,7 +11,8 @@ a stop sequence, or `max_new_tokens`). Nothing runs in Python per token; `on_tok
 `jax.debug.callback(ordered=True)`. Prompts are left-padded to a power-of-two bucket `Tp`, the batch to a
 power of two (dummy rows start finished), and `max_new_tokens` to the buffer `N` (a power of two; the loop
 bound itself is a traced scalar), so a new prompt or `max_new_tokens` recompiles only across buckets.
-Routing options of a `MeteoraLlama` (`set_routing`) are static: changing them compiles once more.
+Routing options of a `MeteoraLlama` (`set_routing`) are static: changing them compiles once more. Per-prompt
+experts (`forced_experts=[...]`, one expert index or None per prompt) are data: a batch may mix them freely.
 
 Sampling (`Sampling`): greedy at `temperature == 0`, otherwise softmax(logits / temperature) restricted to
 the `top_k` best tokens (0: all) and then to the smallest set whose probability reaches `top_p`, drawn
@@ -153,11 +154,11 @@ def _mask_stops(logits: jax.Array, rule: _StopRule, on: jax.Array) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("graphdef", "static"))
-def _prefill(graphdef, state, tokens, mask, key, temperature, top_p, rule, max_new, min_new, *,
+def _prefill(graphdef, state, tokens, mask, key, temperature, top_p, rule, max_new, min_new, forced, *,
              static: _Static):
     model = nnx.merge(graphdef, state)
     cache = init_cache(model.config, tokens.shape[0], static.cache_len)
-    out = model(tokens, mask, cache=cache)
+    out = model(tokens, mask, cache=cache, forced_experts=forced)
     logits = out.logits[:, -1]
     if static.min_new:
         logits = _mask_stops(logits, rule, 0 < min_new)
@@ -181,7 +182,7 @@ def _stream_sink(step, tokens, active):
 
 @partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
 def _decode(graphdef, state, cache: KVCache, first, done, recent, key, temperature, top_p, rule, max_new, pad_id,
-            min_new, *, static: _Static):
+            min_new, forced, *, static: _Static):
     model = nnx.merge(graphdef, state)
     b, n = first.shape[0], static.buffer
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
@@ -199,7 +200,7 @@ def _decode(graphdef, state, cache: KVCache, first, done, recent, key, temperatu
 
     def body(carry):
         i, tok, done, recent, cache, out, lengths, trace, _ = carry
-        res = model(tok[:, None], ones, cache=cache)
+        res = model(tok[:, None], ones, cache=cache, forced_experts=forced)
         if static.trace:
             e, w = _routing_arrays(res.aux)
             trace = (jax.lax.dynamic_update_slice(trace[0], e, (0, i, 0, 0, 0)),
@@ -286,7 +287,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              sampling: Sampling = Sampling(), eos_token_ids: Sequence[int] | None = None,
              stop_token_ids: Sequence[int] = (), stop_sequences: Sequence[Sequence[int]] = (), trace: bool = False,
              on_token: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
-             max_len: int | None = None, min_new_tokens: int = 0, mesh=None) -> Generation:
+             max_len: int | None = None, min_new_tokens: int = 0, mesh=None,
+             forced_experts: Sequence[int | None] | None = None) -> Generation:
     """Generate up to `max_new_tokens` for each prompt (lists of token ids, any lengths).
 
     `eos_token_ids` default to the config's. `stop_token_ids`: more tokens that end a row (kept in the
@@ -298,8 +300,14 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     `mesh`: a `jax.sharding.Mesh` (`meteora_jax.sharding.make_mesh`) to run on several devices: weights
     split by `meteora_jax.sharding`'s rules (tensor parallel on the `tensor` axis), the batch over data and
     fsdp when it divides, else replicated.
+    `forced_experts` (MeteoRA models): one entry per prompt, the index of the expert that answers it alone (weight 1
+    in every MeteoRA linear, as `forced_expert` does for the whole model), or None / -1 to let the gate route it.
+    The indices are data, not compile-time options: one compiled program serves any mix of experts in a batch.
     """
     tokens, mask, tp, buf = prepare(model, prompts, max_new_tokens, max_len)
+    forced = None
+    if forced_experts is not None:
+        forced = jnp.asarray(_forced_rows(model, forced_experts, len(prompts), tokens.shape[0]))
     if min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
     if trace and not _has_routing(model):
@@ -318,7 +326,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     max_new, min_new = jnp.int32(max_new_tokens), jnp.int32(min_new_tokens)
     t0 = time.perf_counter()
     first, done, recent, cache, ptrace = _prefill(graphdef, state, tokens, mask, key, temp,
-                                                  top_p, rule, max_new, min_new, static=static)
+                                                  top_p, rule, max_new, min_new, forced, static=static)
     jax.block_until_ready(first)
     with _STREAM_LOCK, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*donated buffers were not usable.*")
@@ -328,7 +336,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         t1 = time.perf_counter()
         try:
             out, lengths, gtrace, steps = _decode(graphdef, state, cache, first, done, recent, key, temp, top_p,
-                                                  rule, max_new, pad_id, min_new, static=static)
+                                                  rule, max_new, pad_id, min_new, forced, static=static)
             out, lengths = np.asarray(out), np.asarray(lengths)
             if on_token is not None:
                 jax.effects_barrier()
@@ -355,6 +363,27 @@ def _place_on_mesh(state, batch: tuple, mesh):
     split = rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
     where = sharding.batch_sharding(mesh) if split else NamedSharding(mesh, P())
     return state, tuple(jax.device_put(a, where) for a in batch)
+
+
+def _forced_rows(model: Llama, forced_experts: Sequence[int | None], n: int, rows: int) -> np.ndarray:
+    """`forced_experts` checked (one per prompt, None / -1 or an expert index) as an int32 `[rows]` (-1 for
+    padding rows)."""
+    mcfg = getattr(model, "meteora_config", None)
+    if mcfg is None or not mcfg.adapters_enabled:
+        raise ValueError("forced_experts needs a MeteoraLlama with adapters enabled (this model has no experts "
+                         "to force)")
+    got = list(forced_experts)
+    if len(got) != n:
+        raise ValueError(f"forced_experts must have one entry per prompt ({n}), got {len(got)}")
+    out = np.full((rows,), -1, np.int32)
+    e = mcfg.num_experts
+    for i, f in enumerate(got):
+        f = -1 if f is None else f
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or not -1 <= f < e:
+            raise ValueError(f"forced_experts[{i}] = {f!r}: expected an expert index in 0..{e - 1}, or None / -1 "
+                             "for the gate's routing")
+        out[i] = f
+    return out
 
 
 def _has_routing(model: Llama) -> bool:
@@ -431,6 +460,8 @@ EXAMPLES = """examples:
   python -m meteora_jax.generate --smollm2 --prompt "The capital of France is" --stream
   python -m meteora_jax.generate --checkpoint ckpt/meteora --tokenizer models/llama --prompt "..." --trace out.png
   python -m meteora_jax.generate --base models/llama --adapters ad/math ad/code --expert code --prompt "..."
+  python -m meteora_jax.generate --checkpoint ckpt/meteora --prompt "q1" --prompt "q2" --prompt "q3" \
+      --expert math code auto       # one batch: q1 answered by math, q2 by code, q3 routed by the gates
 """
 
 
@@ -482,7 +513,10 @@ def build_parser():
                    "adapters are folded into the base product")
     r.add_argument("--routing-top-k", type=int, help="experts per token (k)")
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
-    r.add_argument("--expert", help="force every token to this expert (name or index), weight 1")
+    r.add_argument("--expert", nargs="+", metavar="NAME",
+                   help="force every token to this expert (name or index), weight 1; or give one per prompt (name, "
+                        "index, or 'auto' for the gates' routing) to answer each prompt with its own expert in one "
+                        "batch")
     r.add_argument("--no-adapters", action="store_true", help="turn the adapters off (exactly the base model)")
     d = p.add_argument_group("devices")
     d.add_argument("--mesh", help="run on a device mesh, axis=size over data, fsdp, tensor (e.g. tensor=2 for "
@@ -506,7 +540,8 @@ def _load_model(args):
     try:
         return load_model(checkpoint=args.checkpoint, base=args.base or (smollm2_gguf() if args.smollm2 else None),
                           adapters=args.adapters, dtype=args.dtype, strategy=args.strategy,
-                          top_k=args.routing_top_k, temperature=args.routing_temperature, forced_expert=args.expert,
+                          top_k=args.routing_top_k, temperature=args.routing_temperature,
+                          forced_expert=args.expert[0] if args.expert and len(args.expert) == 1 else None,
                           adapters_enabled=False if args.no_adapters else None, pack=args.pack)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -557,6 +592,20 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     model = _load_model(args)
+    forced = None
+    if args.expert and len(args.expert) > 1:
+        from meteora_jax.api import expert_index
+
+        if len(args.expert) != len(prompts):
+            raise SystemExit(f"error: --expert: give one expert for all prompts or one per prompt ({len(prompts)}); "
+                             f"got {len(args.expert)}")
+        names = getattr(getattr(model, "meteora_config", None), "expert_names", ())
+        if not names:
+            raise SystemExit("error: --expert needs a MeteoRA model (--checkpoint of one, or --adapters)")
+        try:
+            forced = [-1 if e == "auto" else expert_index(e, names, "--expert") for e in args.expert]
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     want_trace = bool(args.trace or args.show_routing)
     if want_trace and not _has_routing(model):
         raise SystemExit("error: --trace / --show-routing need a MeteoRA model with adapters on")
@@ -575,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = generate_text(model, tok, prompts, chat=args.chat, system=args.system, stop_strings=args.stop,
                             max_new_tokens=args.max_new_tokens, sampling=sampling, trace=want_trace,
-                            on_token=on_token, max_len=args.max_len, min_new_tokens=args.min_new_tokens, mesh=mesh)
+                            on_token=on_token, max_len=args.max_len, min_new_tokens=args.min_new_tokens, mesh=mesh,
+                            forced_experts=forced)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if args.stream:

@@ -59,7 +59,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...].astype(self.dtype)
         return y
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, forced: jax.Array | None = None) -> tuple[jax.Array, None]:
+        del forced  # per-token forced experts: only MeteoRA linears have experts
         return self.base(x), None
 
 
@@ -117,17 +118,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 # ----------------------------------------------------------------------------------------- blocks
-def project(parent: nnx.Module, packed: str, names: tuple[str, ...], x: jax.Array, aux: dict) -> list[jax.Array]:
+def project(parent: nnx.Module, packed: str, names: tuple[str, ...], x: jax.Array, aux: dict,
+            forced: jax.Array | None = None) -> list[jax.Array]:
     """The outputs of the linears `names` of `parent` on one input `x`, through the packed projection
-    `parent.<packed>` when packing made one; their aux (routing) go into `aux` under the linears' names."""
+    `parent.<packed>` when packing made one; their aux (routing) go into `aux` under the linears' names.
+    `forced`: per-token forced experts `[B, T]` (-1: the gate routes), see `Llama.__call__`."""
     group = getattr(parent, packed, None)
     if group is not None:
-        outs, routings = group(x)
+        outs, routings = group(x, forced)
         aux.update(routings)
         return outs
     outs = []
     for name in names:
-        y, aux[name] = getattr(parent, name)(x)
+        y, aux[name] = getattr(parent, name)(x, forced)
         outs.append(y)
     return outs
 
@@ -147,11 +150,11 @@ class Attention(nnx.Module):
             setattr(self, name, mod)
         self.packed_qkv = self.packed_o = None  # set by meteora_jax.packed.pack_projections
 
-    def __call__(self, x, positions, mask, inv_freq, aux: dict, kv=None):
+    def __call__(self, x, positions, mask, inv_freq, aux: dict, kv=None, forced=None):
         """`x [B, T, hidden]`, `mask [B, T, S]` (S = T, or the cache length with `kv = (k, v, index)`,
         `k`/`v [B, S, Hkv, D]`). Returns `y` and, with `kv`, the updated `(k, v)`."""
         b, t, _ = x.shape
-        q, k, v = project(self, "packed_qkv", ("q_proj", "k_proj", "v_proj"), x, aux)
+        q, k, v = project(self, "packed_qkv", ("q_proj", "k_proj", "v_proj"), x, aux, forced)
         g = self.num_heads // self.num_kv_heads
         q = apply_rope(q.reshape(b, t, self.num_heads, self.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, self.num_kv_heads, self.head_dim), positions, inv_freq)
@@ -167,7 +170,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
-        (y,) = project(self, "packed_o", ("o_proj",), out, aux)
+        (y,) = project(self, "packed_o", ("o_proj",), out, aux, forced)
         return y if kv is None else (y, kv)
 
 
@@ -179,9 +182,9 @@ class MLP(nnx.Module):
             setattr(self, name, mod)
         self.packed_gate_up = self.packed_down = None  # set by meteora_jax.packed.pack_projections
 
-    def __call__(self, x, aux: dict):
-        gate, up = project(self, "packed_gate_up", ("gate_proj", "up_proj"), x, aux)
-        (y,) = project(self, "packed_down", ("down_proj",), jax.nn.silu(gate) * up, aux)
+    def __call__(self, x, aux: dict, forced=None):
+        gate, up = project(self, "packed_gate_up", ("gate_proj", "up_proj"), x, aux, forced)
+        (y,) = project(self, "packed_down", ("down_proj",), jax.nn.silu(gate) * up, aux, forced)
         return y
 
 
@@ -193,13 +196,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pd)
         self.mlp = MLP(config, layer, factory, rngs)
 
-    def __call__(self, x, positions, mask, inv_freq, kv=None):
+    def __call__(self, x, positions, mask, inv_freq, kv=None, forced=None):
         aux: dict[str, Any] = {}
-        h = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, aux, kv)
+        h = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, aux, kv, forced)
         if kv is not None:
             h, kv = h
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), aux)
+        x = x + self.mlp(self.post_attention_layernorm(x), aux, forced)
         aux = {k: v for k, v in aux.items() if v is not None}
         return (x, aux) if kv is None else (x, aux, kv)
 
@@ -254,13 +257,24 @@ class Llama(nnx.Module):
         self.remat = False  # recompute each layer's activations in the backward pass (training memory)
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None, cache: KVCache | None = None) -> LlamaOutput:
+                 positions: jax.Array | None = None, cache: KVCache | None = None,
+                 forced_experts: jax.Array | None = None) -> LlamaOutput:
         """`tokens [B, T]` int; `attention_mask [B, T]` (1 = real token, 0 = padding; left or right
         padding); `positions [B, T]` default to the count of real tokens before each one (with a cache:
         counting the cached ones too). With `cache` (see `KVCache`), the tokens fill slots
         `[cache.index, cache.index + T)` and attend to the cached ones; the caller keeps the index within
-        the cache (`index + T <= S`, not checked inside jit)."""
+        the cache (`index + T <= S`, not checked inside jit).
+        `forced_experts [B]` int (MeteoRA models): row i's tokens all go to expert `forced_experts[i]` with
+        weight 1 in every MeteoRA linear, as `forced_expert` does for a whole model; -1 leaves the row to the
+        model's own routing. Values must lie in -1..E-1 (not checked inside jit; `generate` checks them)."""
         b, t = tokens.shape
+        forced = None
+        if forced_experts is not None:
+            forced_experts = jnp.asarray(forced_experts)
+            if forced_experts.shape != (b,):
+                raise ValueError(f"forced_experts must have one entry per row, shape ({b},); "
+                                 f"got {forced_experts.shape}")
+            forced = jnp.broadcast_to(forced_experts.astype(jnp.int32)[:, None], (b, t))
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
         valid = attention_mask.astype(jnp.bool_)
@@ -285,9 +299,9 @@ class Llama(nnx.Module):
         for i, layer in enumerate(self.layers):
             if cache is None:
                 call = nnx.remat(_call_layer) if self.remat else _call_layer
-                x, aux = call(layer, x, positions, mask, inv_freq)
+                x, aux = call(layer, x, positions, mask, inv_freq, forced)
             else:
-                x, aux, (k, v) = layer(x, positions, mask, inv_freq, (cache.k[i], cache.v[i], cache.index))
+                x, aux, (k, v) = layer(x, positions, mask, inv_freq, (cache.k[i], cache.v[i], cache.index), forced)
                 new_k.append(k)
                 new_v.append(v)
             per_layer.append(aux)
@@ -302,8 +316,8 @@ class Llama(nnx.Module):
         return LlamaOutput(logits.astype(jnp.float32), aux, cache)
 
 
-def _call_layer(layer, x, positions, mask, inv_freq):
-    return layer(x, positions, mask, inv_freq)
+def _call_layer(layer, x, positions, mask, inv_freq, forced=None):
+    return layer(x, positions, mask, inv_freq, forced=forced)
 
 
 def default_positions(valid: jax.Array) -> jax.Array:

@@ -13,7 +13,9 @@ Routing (`MeteoraConfig.routing`):
   those k values divided by the temperature T; with k = 1 the weight is 1.
 - `softmax_topk` (the reference's plain path): softmax over all logits / T, top-k, renormalised to sum 1.
 Modes: `forced_expert=i` routes every token to expert i with weight 1 (equals PEFT with adapter i);
-`adapters_enabled=False` gives the base model exactly.
+`adapters_enabled=False` gives the base model exactly. Per row of a batch, `Llama.__call__(...,
+forced_experts=[i, -1, ...])` forces row 0's tokens to expert i and leaves row 1 to the gate: a traced array, so
+one compiled program serves any mix of adapters (`override_routing`).
 
 The adapter term is computed by a strategy (`meteora_jax.strategies`: `loop`, `gather`, `dense`, and the
 kernels `fused`, `triton`), all of one signature. With `fused`, a call of at most 16 tokens (decoding) runs
@@ -134,6 +136,18 @@ def route(logits: jax.Array, top_k: int, temperature: float, routing: str) -> tu
     return w, idx.astype(jnp.int32)
 
 
+def override_routing(experts: jax.Array, weights: jax.Array, forced: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token forced experts over a routing: `experts`/`weights [N, ..., k]`, `forced [N]` int (-1: keep the
+    token's routing). A forced token gets its expert in slot 0 with weight 1 and weight 0 in the other slots (their
+    experts stay, so shapes and the trace keep k slots)."""
+    f = forced.astype(jnp.int32).reshape(forced.shape + (1,) * (experts.ndim - 1))
+    on = f >= 0
+    first = jnp.arange(experts.shape[-1]) == 0
+    experts = jnp.where(on & first, f, experts).astype(jnp.int32)
+    weights = jnp.where(on, first.astype(jnp.float32), weights.astype(jnp.float32))
+    return experts, weights
+
+
 class MeteoraLinear(Linear):
     """A `Linear` (frozen base kernel `[in, out]`) plus MeteoRA experts and gate. See the module docstring."""
 
@@ -155,7 +169,9 @@ class MeteoraLinear(Linear):
         self.strategy, self.forced_expert = config.strategy, config.forced_expert
         self.adapters_enabled = config.adapters_enabled
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, Routing | None]:
+    def __call__(self, x: jax.Array, forced: jax.Array | None = None) -> tuple[jax.Array, Routing | None]:
+        """`x [..., in]`; `forced` (optional) per-token forced experts of shape `x.shape[:-1]` (-1: the gate
+        routes that token; see `override_routing`)."""
         y = self.base(x)
         if not self.adapters_enabled:
             return y, None
@@ -163,7 +179,7 @@ class MeteoraLinear(Linear):
         xf = x.reshape(-1, d_in).astype(self.dtype)
         a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
         routed = ROUTED.get(self.strategy)
-        if routed is not None and xf.shape[0] <= routed.max_tokens:  # decode: gate + adapter in two launches
+        if routed is not None and forced is None and xf.shape[0] <= routed.max_tokens:  # decode: two launches
             y2, logits, experts, weights = routed.fn(
                 xf, y.reshape(xf.shape[0], -1), self.gate[...].astype(jnp.float32), a, b, self.scaling[...],
                 top_k=self.top_k, temperature=self.temperature, routing=self.routing,
@@ -177,6 +193,8 @@ class MeteoraLinear(Linear):
         else:
             experts = jnp.full((xf.shape[0], 1), self.forced_expert, jnp.int32)
             weights = jnp.ones((xf.shape[0], 1), jnp.float32)
+        if forced is not None:
+            experts, weights = override_routing(experts, weights, forced.reshape(-1))
         fn = STRATEGIES[self.strategy]
         delta = fn(xf, a, b, self.scaling[...], experts, weights)
         y = y + delta.reshape(*lead, -1).astype(y.dtype)

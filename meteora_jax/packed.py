@@ -151,17 +151,20 @@ class PackedProjection(nnx.Module):
         if self.expert_members:
             self.set_routing_from(config)
 
-    def __call__(self, x: jax.Array) -> tuple[list[jax.Array], dict[str, Any]]:
+    def __call__(self, x: jax.Array, forced: jax.Array | None = None) -> tuple[list[jax.Array], dict[str, Any]]:
+        """`forced`: per-token forced experts `x.shape[:-1]` (-1: the gate routes), as in `MeteoraLinear`; rows
+        with it run the `dense` routing math (the decode kernels route by themselves)."""
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in).astype(self.dtype)
         n = xf.shape[0]
+        forced = None if forced is None else forced.reshape(-1)
         routings: dict[str, Any] = {name: None for name in self.names}
         kernel = self.kernel[...].astype(self.dtype)
         if self.mode in ("extended", "gemv") and self.expert_members:
-            y = self._extended(xf, kernel, routings, lead)
+            y = self._extended(xf, kernel, routings, lead, forced)
         elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
-        elif self.mode == "routed" and n <= BlockSizes.get_default().routed_max_tokens:  # decode
+        elif self.mode == "routed" and forced is None and n <= BlockSizes.get_default().routed_max_tokens:
             y, logits, experts, weights = meteora_routed_packed(
                 xf, xf @ kernel, self.gate[...].astype(jnp.float32), self.lora_a[...].astype(self.dtype),
                 self.lora_b[...].astype(self.dtype), self.scaling[...], self.spans, top_k=self.top_k,
@@ -171,7 +174,7 @@ class PackedProjection(nnx.Module):
             m, e, r = len(self.expert_members), self.num_experts, self.rank
             logits = (xf.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)).reshape(n, m, e)
             p = jnp.dot(xf, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
-            h, experts, weights = self._dense_routing(logits, p)
+            h, experts, weights = self._dense_routing(logits, p, forced)
             if self.mode == "fold":  # one product over [x | h']
                 y = jnp.concatenate([xf, h], axis=-1) @ kernel
             elif self.mode == "split":  # the base product and the expand apart (no concatenated operand)
@@ -187,11 +190,12 @@ class PackedProjection(nnx.Module):
         outs = jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
         return [o.reshape(*lead, -1) for o in outs], routings
 
-    def _dense_routing(self, logits, p):
+    def _dense_routing(self, logits, p, forced=None):
         """The `dense` math for many tokens: from logits [N, m, E] and the unscaled shrink P [N, m*E*r] (f32),
-        each member's routing (or the forced expert) and h' = P * (weight x alpha/r of the picked experts, zero
-        elsewhere) in the compute dtype. Returns (h', experts [N, m, k], weights [N, m, k])."""
-        from meteora_jax.meteora import route
+        each member's routing (or the forced expert; `forced [N]` per token, -1: routed) and h' = P * (weight x
+        alpha/r of the picked experts, zero elsewhere) in the compute dtype. Returns (h', experts [N, m, k],
+        weights [N, m, k])."""
+        from meteora_jax.meteora import override_routing, route
         from meteora_jax.strategies import combine_weights
 
         n, m, e = logits.shape
@@ -200,13 +204,15 @@ class PackedProjection(nnx.Module):
         else:
             experts = jnp.full((n, m, 1), self.forced_expert, jnp.int32)
             weights = jnp.ones((n, m, 1), jnp.float32)
+        if forced is not None:
+            experts, weights = override_routing(experts, weights, forced)
         k = experts.shape[-1]
         coef = combine_weights(experts.reshape(n * m, k), weights.reshape(n * m, k), jnp.ones((e,)), e)
         coef = coef.reshape(n, m, e) * self.scaling[...].astype(jnp.float32)  # [N, m, E]
         h = (p.reshape(n, m, e, self.rank) * coef[..., None]).reshape(n, m * e * self.rank).astype(self.dtype)
         return h, experts, weights
 
-    def _extended(self, xf, kernel, routings, lead) -> jax.Array:
+    def _extended(self, xf, kernel, routings, lead, forced=None) -> jax.Array:
         """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
         launch; a few tokens) or the dense math on z's columns (prefill). Mode `gemv` (kernel stored transposed):
         for a few tokens, when every member has experts, product and expand are one launch
@@ -217,7 +223,8 @@ class PackedProjection(nnx.Module):
         bs = BlockSizes.get_default()
         whole = len(self.spans) == len(self.sizes)
         if self.mode == "gemv":
-            if self.adapters_enabled and whole and n <= min(bs.routed_max_tokens, bs.gemv_max_tokens):
+            if (self.adapters_enabled and whole and forced is None
+                    and n <= min(bs.routed_max_tokens, bs.gemv_max_tokens)):
                 y, logits, experts, weights = meteora_gemv_expand(
                     xf, kernel, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
                     temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
@@ -229,7 +236,7 @@ class PackedProjection(nnx.Module):
             z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
         if not self.adapters_enabled:
             return z[:, :ld].astype(self.dtype)
-        if n <= bs.routed_max_tokens:  # decode: one launch
+        if forced is None and n <= bs.routed_max_tokens:  # decode: one launch
             y, logits, experts, weights = meteora_routed_expand(
                 z, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
                 temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
@@ -238,7 +245,7 @@ class PackedProjection(nnx.Module):
             return y
         g0 = ld + self.gate_parts * m * e
         logits = sum(z[:, ld + t * m * e:ld + (t + 1) * m * e] for t in range(self.gate_parts)).reshape(n, m, e)
-        h, experts, weights = self._dense_routing(logits, z[:, g0:g0 + m * e * r])
+        h, experts, weights = self._dense_routing(logits, z[:, g0:g0 + m * e * r], forced)
         y = z[:, :ld]
         for j, (off, size) in enumerate(self.spans):
             y = y.at[:, off:off + size].add(jnp.dot(h[:, j * e * r:(j + 1) * e * r], b_side[:, off:off + size],

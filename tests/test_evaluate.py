@@ -524,8 +524,8 @@ def test_restate_training_layout_is_the_restate_evaluation_context(tiny):
             def __init__(self, answers):
                 self.tok, self.k, self.answers = tok, 0, answers
 
-            def __call__(self, prompts, budgets, one_line=False):
-                assert one_line and len(prompts) == len(self.answers)
+            def __call__(self, prompts, budgets, one_line=False, experts=None):
+                assert one_line and experts is None and len(prompts) == len(self.answers)
                 self.k += 1
                 return [a[self.k - 1] for a in self.answers]
 
