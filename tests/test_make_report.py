@@ -85,3 +85,39 @@ def test_report_numbers_match_recomputation(tmp_path, two_oracles):
 
     overall = res["meteora_top2"]["routing"]["all"]["overall"]
     assert f"MeteoRA top-2 {overall:.3f} ({'met' if overall >= 0.9 else 'missed'})" in text
+
+
+def test_versus_counts_match_recomputation(tmp_path, capsys):
+    """`--versus A B C`: A's and C's wins / ties / trails against B per composite set and in total, and the mean
+    primary scores, against a direct recomputation (coarse random scores, so ties happen; a BLEU metric on one
+    sub-task of A and B only)."""
+    rng = np.random.default_rng()
+    files = []
+    for label in ("a", "b", "c"):
+        r = _result(rng, label, "cpu")
+        for c in r["composite"].values():
+            for v in c["per_task"].values():
+                v["score"] = v["accuracy"]
+            if label != "c":
+                c["per_task"]["beta"]["bleu"] = float(rng.integers(0, 3))
+        path = tmp_path / f"{label}.json"
+        path.write_text(json.dumps(r))
+        files.append((path, r))
+    assert report.main(["--versus", *[str(p) for p, _ in files]]) == 0
+    out = capsys.readouterr().out
+    ref = files[1][1]["composite"]
+    for _, r in (files[0], files[2]):
+        row = next(ln for ln in out.splitlines() if ln.startswith(f"| {r['label']} |"))
+        total = np.zeros(3, int)
+        for n in (3, 5):
+            pa, pb = r["composite"][f"composite_{n}"]["per_task"], ref[f"composite_{n}"]["per_task"]
+            pairs = [(pa[t][m], pb[t][m]) for t in TASKS for m in ("accuracy", "bleu") if m in pa[t] and m in pb[t]]
+            w = np.array([sum(x > y for x, y in pairs), sum(x == y for x, y in pairs), sum(x < y for x, y in pairs)])
+            total += w
+            mean = np.mean([pa[t]["score"] for t in TASKS])
+            assert f"{w[0]} / {w[1]} / {w[2]}; {mean:.3f}" in row, (row, w, mean)
+        assert f"{total[0]} / {total[1]} / {total[2]} ({total[0] / total.sum():.0%} won)" in row
+    with pytest.raises(SystemExit, match="at least two"):
+        report.main(["--versus", str(files[0][0])])
+    with pytest.raises(SystemExit, match="no such file"):
+        report.main(["--versus", str(files[0][0]), str(tmp_path / "nope.json")])

@@ -8,6 +8,11 @@ meteora_jax.evaluate`), crosscheck.json (`peft_crosscheck.py`) where present, an
 primary score per model, averages, MeteoRA top-2 / oracle), Table 2 (composite-n sub-task scores, MeteoRA
 against LoRA-B), token routing accuracy, the routing picture, the cross-check and the exact commands, with the
 issue's acceptance targets checked against the numbers. `--toy` marks the whole file as a toy run.
+
+    python experiments/reproduce/make_report.py --versus A.json B.json [C.json ...]
+
+prints, for every composite set in the files, how each of A, C, ... fares against B over the sub-task metrics
+(accuracy, BLEU, ROUGE-L, as Table 2 counts them): wins / ties / trails and the mean primary score.
 """
 
 from __future__ import annotations
@@ -119,6 +124,51 @@ def table2(res: dict) -> list[str]:
     return lines or ["(no composite results)"]
 
 
+def composite_versus(a: dict, b: dict) -> dict[str, dict]:
+    """Per composite set in both results: `a` against `b` over every sub-task metric (accuracy, bleu, rougeL)
+    that both have: wins, ties, trails, and each one's mean primary score over the sub-tasks."""
+    out = {}
+    for c in sorted(set(a.get("composite", {})) & set(b.get("composite", {})), key=lambda c: int(c.split("_")[-1])):
+        pa, pb = a["composite"][c]["per_task"], b["composite"][c]["per_task"]
+        wins = ties = trails = 0
+        for t in sorted(set(pa) & set(pb)):
+            for m in ("accuracy", "bleu", "rougeL"):
+                if m in pa[t] and m in pb[t]:
+                    wins += pa[t][m] > pb[t][m]
+                    ties += pa[t][m] == pb[t][m]
+                    trails += pa[t][m] < pb[t][m]
+        out[c] = {"wins": wins, "ties": ties, "trails": trails,
+                  "mean_a": sum(v["score"] for v in pa.values()) / len(pa),
+                  "mean_b": sum(v["score"] for v in pb.values()) / len(pb)}
+    return out
+
+
+def versus_table(files: list[Path]) -> list[str]:
+    """Markdown: each of files[0], files[2:] against files[1] (`composite_versus`), one row per file."""
+    res = {f: json.loads(f.read_text()) for f in files}
+    ref, others = files[1], [files[0], *files[2:]]
+    sets = sorted({c for r in res.values() for c in r.get("composite", {})}, key=lambda c: int(c.split("_")[-1]))
+    name = lambda f: res[f].get("label") or f.stem  # noqa: E731
+    lines = [f"Against {name(ref)} (wins / ties / trails over the sub-task metrics; mean primary score):", "",
+             "| | " + " | ".join(sets) + " | all |", "|---|" + "---|" * (len(sets) + 1)]
+    for f in [*others, ref]:
+        cells, tot = [], [0, 0, 0]
+        v = composite_versus(res[f], res[ref]) if f != ref else {}
+        for c in sets:
+            if f == ref:
+                cells.append(fmt(composite_versus(res[ref], res[ref]).get(c, {}).get("mean_a")))
+            elif c in v:
+                w = v[c]
+                tot = [tot[0] + w["wins"], tot[1] + w["ties"], tot[2] + w["trails"]]
+                cells.append(f"{w['wins']} / {w['ties']} / {w['trails']}; {fmt(w['mean_a'])}")
+            else:
+                cells.append("–")
+        total = sum(tot)
+        cells.append("" if f == ref or not total else f"{tot[0]} / {tot[1]} / {tot[2]} ({tot[0] / total:.0%} won)")
+        lines.append(f"| {name(f)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def routing_table(res: dict) -> list[str]:
     cols = [(k, n) for k, n in MODELS if k in res and res[k].get("routing")]
     if not cols:
@@ -165,12 +215,25 @@ def routing_table(res: dict) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", required=True, help="folder of the evaluation JSON files")
+    p.add_argument("--results", help="folder of the evaluation JSON files")
     p.add_argument("--commands", help="commands.jsonl of pipeline.py")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="the report to write")
+    p.add_argument("--versus", nargs="+", metavar="JSON", type=Path,
+                   help="print composite wins / ties / trails of the first file (and the third, ...) against the "
+                        "second, instead of writing a report")
     p.add_argument("--toy", action="store_true", help="mark the report as a toy run (numbers mean nothing)")
     p.add_argument("--note", help="a paragraph (markdown) put under the title: how this run differs from the plan")
     a = p.parse_args(argv)
+    if a.versus:
+        if len(a.versus) < 2:
+            raise SystemExit("error: --versus needs at least two result files")
+        missing = [str(f) for f in a.versus if not f.exists()]
+        if missing:
+            raise SystemExit(f"error: --versus: no such file {missing}")
+        print("\n".join(versus_table(list(a.versus))))
+        return 0
+    if not a.results or not a.out:
+        raise SystemExit("error: give --results and --out (or --versus)")
     folder = Path(a.results)
     res = load_results(folder)
     if not res:
