@@ -124,48 +124,42 @@ def table2(res: dict) -> list[str]:
     return lines or ["(no composite results)"]
 
 
+def mean_primary(result: dict, c: str) -> float | None:
+    """Mean primary score over the sub-tasks of composite set `c` (None where the result lacks it)."""
+    per = result.get("composite", {}).get(c, {}).get("per_task")
+    return sum(v["score"] for v in per.values()) / len(per) if per else None
+
+
 def composite_versus(a: dict, b: dict) -> dict[str, dict]:
     """Per composite set in both results: `a` against `b` over every sub-task metric (accuracy, bleu, rougeL)
-    that both have: wins, ties, trails, and each one's mean primary score over the sub-tasks."""
+    that both have: wins, ties, trails."""
     out = {}
     for c in sorted(set(a.get("composite", {})) & set(b.get("composite", {})), key=lambda c: int(c.split("_")[-1])):
         pa, pb = a["composite"][c]["per_task"], b["composite"][c]["per_task"]
-        wins = ties = trails = 0
-        for t in sorted(set(pa) & set(pb)):
-            for m in ("accuracy", "bleu", "rougeL"):
-                if m in pa[t] and m in pb[t]:
-                    wins += pa[t][m] > pb[t][m]
-                    ties += pa[t][m] == pb[t][m]
-                    trails += pa[t][m] < pb[t][m]
-        out[c] = {"wins": wins, "ties": ties, "trails": trails,
-                  "mean_a": sum(v["score"] for v in pa.values()) / len(pa),
-                  "mean_b": sum(v["score"] for v in pb.values()) / len(pb)}
+        pairs = [(pa[t][m], pb[t][m]) for t in sorted(set(pa) & set(pb)) for m in ("accuracy", "bleu", "rougeL")
+                 if m in pa[t] and m in pb[t]]
+        out[c] = {"wins": sum(x > y for x, y in pairs), "ties": sum(x == y for x, y in pairs),
+                  "trails": sum(x < y for x, y in pairs)}
     return out
 
 
 def versus_table(files: list[Path]) -> list[str]:
-    """Markdown: each of files[0], files[2:] against files[1] (`composite_versus`), one row per file."""
+    """Markdown: each of files[0], files[2:] against files[1] (`composite_versus`), one row per file, and the
+    reference's mean primary scores last."""
     res = {f: json.loads(f.read_text()) for f in files}
-    ref, others = files[1], [files[0], *files[2:]]
+    ref = files[1]
     sets = sorted({c for r in res.values() for c in r.get("composite", {})}, key=lambda c: int(c.split("_")[-1]))
     name = lambda f: res[f].get("label") or f.stem  # noqa: E731
     lines = [f"Against {name(ref)} (wins / ties / trails over the sub-task metrics; mean primary score):", "",
              "| | " + " | ".join(sets) + " | all |", "|---|" + "---|" * (len(sets) + 1)]
-    for f in [*others, ref]:
-        cells, tot = [], [0, 0, 0]
-        v = composite_versus(res[f], res[ref]) if f != ref else {}
-        for c in sets:
-            if f == ref:
-                cells.append(fmt(composite_versus(res[ref], res[ref]).get(c, {}).get("mean_a")))
-            elif c in v:
-                w = v[c]
-                tot = [tot[0] + w["wins"], tot[1] + w["ties"], tot[2] + w["trails"]]
-                cells.append(f"{w['wins']} / {w['ties']} / {w['trails']}; {fmt(w['mean_a'])}")
-            else:
-                cells.append("–")
-        total = sum(tot)
-        cells.append("" if f == ref or not total else f"{tot[0]} / {tot[1]} / {tot[2]} ({tot[0] / total:.0%} won)")
+    for f in [files[0], *files[2:]]:
+        v = composite_versus(res[f], res[ref])
+        cells = [f"{v[c]['wins']} / {v[c]['ties']} / {v[c]['trails']}; {fmt(mean_primary(res[f], c))}" if c in v
+                 else "–" for c in sets]
+        tot = [sum(w[key] for w in v.values()) for key in ("wins", "ties", "trails")]
+        cells.append(f"{tot[0]} / {tot[1]} / {tot[2]} ({tot[0] / sum(tot):.0%} won)" if sum(tot) else "")
         lines.append(f"| {name(f)} | " + " | ".join(cells) + " |")
+    lines.append(f"| {name(ref)} | " + " | ".join(fmt(mean_primary(res[ref], c)) for c in sets) + " |  |")
     return lines
 
 
