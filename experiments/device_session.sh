@@ -14,7 +14,8 @@
 # layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
 # layer_bench_tuned (uses that tune.json), tune_decode (TUNE_DECODE_ARGS), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
-# CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS).
+# CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS), sweep_layer
+# (experiments/sweep_layer.py with SWEEP_ARGS).
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -66,6 +67,7 @@ for job in "$@"; do
     tune_decode) run tune_decode python3 experiments/tune_decode.py --out "$RES/decode_tune" ${TUNE_DECODE_ARGS:-} ;;
     probe_large_t) run probe_large_t python3 experiments/probe_large_t.py --out "$RES/probe_large_t.json" \
                      ${PROBE_ARGS:-} ;;
+    sweep_layer) run sweep_layer python3 experiments/sweep_layer.py --out "$RES/sweep" ${SWEEP_ARGS:-} ;;
     generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
                       ${GENERATE_ARGS:-} ;;
     *) echo "== unknown job $job" >> "$RES/progress" ;;
