@@ -16,6 +16,7 @@ no chaining; median of repeats), in one process:
     xla-kcat        H, then concat([x, H]) @ [W ; b_wide]   (the concat costs a copy of x)
     pallas-base     x @ W with the kernels' `_matmul` (Triton backend), for several tilings
     pallas-kcat     `_matmul` over a K = in + E*r reduction (what one kernel reading x, W, H and b_wide costs)
+    blockspec-base  x @ W as a plain BlockSpec Pallas kernel, the same tilings
 
 and prints the compiled HLO's kernel list of xla-dense (to see whether XLA adds the expand into the base GEMM).
 """
@@ -34,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from experiments.bench_layer import time_call  # noqa: E402
 from kernels import meteora_pallas as mp  # noqa: E402
@@ -82,6 +85,26 @@ def pallas_mm(lhs, rhs, tiling):
                       interpret=jax.default_backend() != "gpu").reshape(m, n)
 
 
+def _bs_kernel(x_ref, w_ref, o_ref, *, bk, steps):
+    def body(i, acc):
+        return acc + jnp.dot(x_ref[:, pl.ds(i * bk, bk)], w_ref[pl.ds(i * bk, bk), :],
+                             preferred_element_type=jnp.float32)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def blockspec_mm(lhs, rhs, tiling):
+    """The same product as a BlockSpec Pallas kernel (whole-K row / column blocks; shapes divisible by the tiles)."""
+    bm, bn, bk, warps, stages = tiling
+    (m, kdim), n = lhs.shape, rhs.shape[1]
+    return pl.pallas_call(
+        functools.partial(_bs_kernel, bk=bk, steps=kdim // bk), grid=(m // bm, n // bn),
+        in_specs=[pl.BlockSpec((bm, kdim), lambda i, j: (i, 0)), pl.BlockSpec((kdim, bn), lambda i, j: (0, j))],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)), out_shape=jax.ShapeDtypeStruct((m, n), DT),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=jax.default_backend() != "gpu")(lhs, rhs)
+
+
 VARIANTS = {
     "xla-base": lambda p: p["x"] @ p["W"],
     "xla-dense": lambda p: p["x"] @ p["W"] + strategies.dense(p["x"], p["A"], p["B"], p["s"], p["e"], p["w"]),
@@ -117,10 +140,11 @@ def main():
         rows.append(dict(t=t, variant="xla-dense-hlo", kernels=kernels))
         print(rows[-1], flush=True)
         for tiling in TILINGS[:args.tilings]:
-            for name, lhs, rhs in (("pallas-base", "x", "W"), ("pallas-kcat", "xc", "WB")):
+            for name, mm, lhs, rhs in (("pallas-base", pallas_mm, "x", "W"), ("pallas-kcat", pallas_mm, "xc", "WB"),
+                                       ("blockspec-base", blockspec_mm, "x", "W")):
                 try:
-                    fn = functools.partial(lambda p, lhs, rhs, tiling: pallas_mm(p[lhs], p[rhs], tiling), lhs=lhs,
-                                           rhs=rhs, tiling=tiling)
+                    fn = functools.partial(lambda p, mm, lhs, rhs, tiling: mm(p[lhs], p[rhs], tiling), mm=mm,
+                                           lhs=lhs, rhs=rhs, tiling=tiling)
                     ms = timed(fn, layers) * 1e3
                 except Exception as err:  # a tiling Triton cannot compile (shared memory): note it, go on
                     ms = None
