@@ -96,6 +96,17 @@ class BlockSizes:
     gemv_warps: int = 4
     gemv_stages: int = 4  # software pipelining depth for one token
     gemv_stages_tokens: int = 3  # ... and for more
+    # `meteora_linear` (base product and expand as one reduction, [x | H] @ [W ; b_wide]); MeteoraLinear(strategy=
+    # "fused") uses it for linear_min_tokens <= N <= linear_max_tokens: on the H200 the kernels' matmul with these
+    # tiles beat XLA's base product at T = 1024, matched it at 4096 and trailed it by 16% at 16384
+    # (experiments/results/probe_large_t.md)
+    linear_min_tokens: int = 512
+    linear_max_tokens: int = 8192
+    linear_block_tokens: int = 128
+    linear_block_out: int = 256
+    linear_block_in: int = 64
+    linear_warps: int = 8
+    linear_stages: int = 4
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -239,9 +250,11 @@ def _pair_expand(h, c, e, b_ref, pmask, rr, rmask, cols, cmask, *, r, o, dtype, 
 
 
 # ------------------------------------------------------------------------------------------ the matmul
-def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, route, dtype, interpret):
+def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, route, second, dtype, interpret):
     """out[i, j] (+)= sum_t lhs[i, t] rhs[t, j] over this program's share of t; see `_matmul`."""
-    if route is None:
+    if second is not None:
+        lhs_ref, rhs_ref, lhs2_ref, rhs2_ref, out_ref = refs[:5]
+    elif route is None:
         lhs_ref, rhs_ref, out_ref = refs[:3]
     else:
         lhs_ref, rhs_ref, e_ref, w_ref, s_ref, out_ref = refs[:6]
@@ -271,6 +284,17 @@ def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, rout
         return acc + _dot(x.astype(dtype), w.astype(dtype))
 
     acc = lax.fori_loop(0, pl.cdiv(ks, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    if second is not None:  # the same tile of a second product, lhs2 [m, kdim2] @ rhs2 [kdim2, n], added on
+        kdim2, lhs2, rhs2, bk2 = second
+
+        def body2(t, acc):
+            kk = t * bk2 + _iota(bk2)
+            kmask = kk < kdim2
+            x = _load(lhs2_ref, lhs2.off(rows[:, None], kk[None, :]), rmask[:, None] & kmask[None, :], interpret)
+            w = _load(rhs2_ref, rhs2.off(kk[:, None], cols[None, :]), kmask[:, None] & cmask[None, :], interpret)
+            return acc + _dot(x.astype(dtype), w.astype(dtype))
+
+        acc = lax.fori_loop(0, pl.cdiv(kdim2, bk2), body2, acc)
     if route is not None and route.scale:
         s = _load(s_ref, ce, cmask, interpret)
         coef = functools.reduce(jnp.add, [jnp.where(h, w[:, None], 0.0) for h, w in hits])
@@ -280,19 +304,30 @@ def _matmul_kernel(*refs, m, n, kdim, bm, bn, bk, ks, split, lhs, rhs, out, rout
 
 
 def _matmul(lhs_arr, rhs_arr, *, m, n, kdim, lhs, rhs, out, out_dtype, dtype, bm, bn, bk, split=1, route=None,
-            routing=(), num_warps=4, num_stages=3, interpret=False, name="meteora_mm"):
+            routing=(), second=None, num_warps=4, num_stages=3, interpret=False, name="meteora_mm"):
     """`out[m, n] = lhs[m, kdim] @ rhs[kdim, n]` over flat buffers read through layouts; f32 accumulation,
     operands rounded to `dtype`.
 
     The reduction is cut into `split` ranges whose programs add atomically into a zeroed f32 output.
     `routing = (experts [N*k], weights [N*k], scaling [E])` when `route` is given (rows are then tokens).
+    `second = (lhs2_arr, rhs2_arr, kdim2, lhs2, rhs2, bk2)` adds a second product lhs2 [m, kdim2] @ rhs2 [kdim2, n]
+    to every tile (one reduction over both: `[lhs | lhs2] @ [rhs ; rhs2]` with nothing concatenated; no split or
+    route then).
     Returns the flat output buffer of `m * n` elements (in `out`'s layout).
     """
     ks = pl.cdiv(pl.cdiv(kdim, bk), split) * bk
     grid = (pl.cdiv(m, bm), pl.cdiv(n, bn), split)
+    extra = []
+    if second is not None:
+        if split > 1 or route is not None:
+            raise ValueError("_matmul: a second product takes neither split nor route")
+        lhs2_arr, rhs2_arr, *second = second
+        extra = [lhs2_arr.reshape(-1), rhs2_arr.reshape(-1)]
+        second = tuple(second)
     kernel = functools.partial(_matmul_kernel, m=m, n=n, kdim=kdim, bm=bm, bn=bn, bk=bk, ks=ks, split=split,
-                               lhs=lhs, rhs=rhs, out=out, route=route, dtype=dtype, interpret=interpret)
-    args = [lhs_arr.reshape(-1), rhs_arr.reshape(-1), *routing]
+                               lhs=lhs, rhs=rhs, out=out, route=route, second=second, dtype=dtype,
+                               interpret=interpret)
+    args = [lhs_arr.reshape(-1), rhs_arr.reshape(-1), *extra, *routing]
     aliases = {}
     if split > 1:
         out_dtype = jnp.float32
@@ -484,6 +519,68 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
         interpret = jax.default_backend() != "gpu"
     impl = Impl(matmul=_matmul, decode=_decode, interpret=bool(interpret))
     return fused_apply(x, a, b, scaling, experts, weights, block_sizes or BlockSizes.get_default(), impl)
+
+
+# --------------------------------------------------------- base product and adapter term as one reduction
+# `meteora_linear`: y = x @ W + H @ b_wide with H = coef * (x @ a_wide) from the shrink above, the expand folded
+# into the base product's reduction: each output tile runs its K loop over x / W and then over H / b_wide
+# (`_matmul`'s `second`), so the adapter term costs the shrink plus E*r / in more reduction, with no delta written
+# and no separate add. The backward is the adapter term's (`_fused_bwd`) plus g @ W^T and x^T @ g in XLA.
+
+def _linear_forward(x, w, a, b, scaling, experts, weights, bs, interpret, keep_p=False):
+    n_tok, d = x.shape
+    e_num, _, r = a.shape
+    c, o = e_num * r, w.shape[1]
+    impl = Impl(matmul=_matmul, decode=_decode, interpret=interpret)
+    routing = _routing(experts, weights, scaling)
+    p = None
+    if keep_p:  # for the backward: P unscaled
+        p = _shrink(x, a, Wide(d, r), d, r, c, routing, bs, impl, scale=False)
+        h = (_coef(experts, weights, scaling, r)[0] * p).astype(x.dtype)
+    else:
+        h = _shrink(x, a, Wide(d, r), d, r, c, routing, bs, impl, scale=True)
+    y = _matmul(x, w, m=n_tok, n=o, kdim=d, lhs=Rows(d), rhs=Rows(o), out=Rows(o), out_dtype=x.dtype, dtype=x.dtype,
+                bm=bs.linear_block_tokens, bn=bs.linear_block_out, bk=bs.linear_block_in,
+                second=(h, b, c, Rows(c), Rows(o), min(bs.linear_block_in, _p2(c))), num_warps=bs.linear_warps,
+                num_stages=bs.linear_stages, interpret=interpret, name="meteora_linear")
+    return y.reshape(n_tok, o), p
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _linear_apply(x, w, a, b, scaling, experts, weights, bs, interpret):
+    return _linear_forward(x, w, a, b, scaling, experts, weights, bs, interpret)[0]
+
+
+def _linear_fwd(x, w, a, b, scaling, experts, weights, bs, interpret):
+    y, p = _linear_forward(x, w, a, b, scaling, experts, weights, bs, interpret, keep_p=True)
+    return y, (x, w, a, b, scaling, experts, weights, p)
+
+
+def _linear_bwd(bs, interpret, res, g):
+    x, w, a, b, scaling, experts, weights, p = res
+    g = g.astype(x.dtype)
+    impl = Impl(matmul=_matmul, decode=_decode, interpret=interpret)
+    dx, da, db, ds, _, dwt = _fused_bwd(bs, impl, (x, a, b, scaling, experts, weights, p), g)
+    prec = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    dx = (dx.astype(jnp.float32) + jnp.dot(g, w.T, preferred_element_type=jnp.float32, precision=prec)).astype(x.dtype)
+    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32, precision=prec).astype(w.dtype)  # unused: XLA drops it
+    return dx, dw, da, db, ds, None, dwt
+
+
+_linear_apply.defvjp(_linear_fwd, _linear_bwd)
+
+
+def meteora_linear(x, w, a, b, scaling, experts, weights, *, block_sizes: BlockSizes | None = None,
+                   interpret: bool | None = None):
+    """`x @ w + delta` `[N, O]` in x's dtype (w `[D, O]`, the base weight as stored); differentiable in x, w, a, b,
+    scaling and weights. The other arguments as `meteora_fused`."""
+    check_args(x, a, b, scaling, experts, weights)
+    if w.shape != (x.shape[1], b.shape[-1]):
+        raise ValueError(f"meteora_linear: w {w.shape} must be [in={x.shape[1]}, out={b.shape[-1]}]")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    return _linear_apply(x, w.astype(x.dtype), a, b, scaling, experts, weights,
+                         block_sizes or BlockSizes.get_default(), bool(interpret))
 
 
 # ------------------------------------------------------------------- routed decode: gate + adapter term
@@ -1358,3 +1455,7 @@ def meteora_reference(x, a, b, scaling, experts, weights):
     return jnp.einsum("nkr,nkro->no", h, b_sel, precision=hp).astype(x.dtype)
 
 
+def linear_reference(x, w, a, b, scaling, experts, weights):
+    """Pure JAX, float32 throughout: x @ w + `meteora_reference`."""
+    base = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return (base + meteora_reference(x.astype(jnp.float32), a, b, scaling, experts, weights)).astype(x.dtype)

@@ -734,3 +734,62 @@ def test_gemv_expand_bad_args_are_refused():
         mp.meteora_gemv_expand(x, zt, b, s, ((0, 48), (48, 16), (66, 14)), **kw)
     with pytest.raises(ValueError, match=r"takes 1..64 tokens"):
         mp.meteora_gemv_expand(jnp.zeros((65, c.d), x.dtype), zt, b, s, c.spans, **kw)
+
+
+# ------------------------------------------------------- meteora_linear: base product + expand, one reduction
+LINEAR_CPU = (Case(37, 96, 80, 7, 8, 2, "bfloat16"), Case(21, 64, 40, 6, 5, 1, "float32", "one"),
+              Case(19, 64, 48, 7, 6, 3, "float32", "unused"))
+LINEAR_GPU = (Case(1024, 4096, 4096, 28, 8, 2, "bfloat16"), Case(4096, 4096, 1024, 28, 8, 2, "bfloat16"),
+              Case(777, 1024, 2048, 8, 16, 1, "float32"), Case(513, 512, 768, 64, 64, 2, "bfloat16"),
+              Case(300, 768, 520, 10, 12, 2, "bfloat16", "unused"), Case(200, 256, 384, 6, 5, 1, "float32", "one"))
+LINEAR_BLOCKS = mp.BlockSizes(linear_block_tokens=16, linear_block_out=32, linear_block_in=16, shrink_block_in=16)
+
+
+def check_linear(case: Case, interpret: bool, bs=None, seed: int | None = None):
+    seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
+    (x, a, b, s, e, w), cot = make_inputs(case, seed)
+    wb = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((case.d, case.o)) / case.d ** 0.5, x.dtype)
+    fn = lambda x, wb, a, b, s, w: mp.meteora_linear(x, wb, a, b, s, e, w, block_sizes=bs, interpret=interpret)
+    ref = lambda x, wb, a, b, s, w: mp.linear_reference(x, wb, a, b, s, e, w)
+    p = (x, wb, a, b, s, w)
+    tol = TOL[case.dtype]
+    out = fn(*p)
+    assert out.shape == (case.n, case.o) and out.dtype == x.dtype
+    assert_close(out, ref(*p), tol, f"meteora_linear forward (seed {seed})")
+    loss = lambda f: lambda *q: jnp.sum(f(*q).astype(jnp.float32) * cot.astype(jnp.float32))  # noqa: E731
+    grads = jax.grad(loss(fn), argnums=range(6))(*p)
+    want = jax.grad(loss(ref), argnums=range(6))(*p)
+    for what, g, gw, arg in zip(("dx", "dw", "da", "db", "dscaling", "dweights"), grads, want, p, strict=True):
+        assert g.shape == arg.shape, what
+        assert_close(g, gw, tol, f"meteora_linear {what} (seed {seed})")
+
+
+@pytest.mark.parametrize("bs", (None, LINEAR_BLOCKS), ids=("default", "small-tiles"))
+@pytest.mark.parametrize("case", LINEAR_CPU, ids=str)
+def test_linear_interpret(case, bs):
+    check_linear(case, interpret=True, bs=bs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", LINEAR_GPU, ids=str)
+def test_linear_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_linear(case, interpret=False)
+
+
+@pytest.mark.parametrize("case", LINEAR_GPU[:2], ids=str)
+def test_linear_lowers_to_triton(case):
+    (x, a, b, s, e, w), _ = make_inputs(dataclasses.replace(case, n=3), 0)
+    args = [jax.ShapeDtypeStruct((case.n, case.d), x.dtype), jax.ShapeDtypeStruct((case.d, case.o), x.dtype),
+            *[jax.ShapeDtypeStruct(t.shape, t.dtype) for t in (a, b, s)],
+            jax.ShapeDtypeStruct((case.n, case.k), e.dtype), jax.ShapeDtypeStruct((case.n, case.k), w.dtype)]
+    text = jax.jit(lambda *p: mp.meteora_linear(*p, interpret=False)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "meteora_linear" in text and "meteora_shrink" in text
+
+
+def test_linear_bad_args_are_refused():
+    (x, a, b, s, e, w), _ = make_inputs(Case(4, 32, 16, 3, 4, 2), 0)
+    with pytest.raises(ValueError, match=r"w \(16, 32\) must be \[in=32, out=16\]"):
+        mp.meteora_linear(x, jnp.zeros((16, 32), x.dtype), a, b, s, e, w, interpret=True)
