@@ -8,7 +8,8 @@ per-layer routing (random gate logits -> top-k -> softmax; the same for every st
 time per layer = median over repeats / 24. Strategies:
 
     JAX    base (x @ W), base-t (the same with W stored [out, in]), lora (one adapter), loop, gather, dense,
-           fused (Pallas), fused-add (the routed pair, into x @ W's buffer), fused-gemv (`meteora_gemv`: base
+           fused (Pallas), fused-linear (`meteora_linear`: base product and expand as one reduction), fused-add
+           (the routed pair, into x @ W's buffer), fused-gemv (`meteora_gemv`: base
            product + adapter term in one launch, W stored [out, in]; T <= 16), triton (jax-triton)
     torch  base, lora, loop-original (every expert on every token, weighted), bmm-torch (gather A[idx], B[idx]
            then batched products), eager (torch.compile off), timed with CUDA events in the same process
@@ -84,6 +85,9 @@ def jax_layer(name: str, block_sizes=None):
     if name == "fused-gemv":  # base product + adapter term in one launch, reading W^T
         return lambda x, p: mp.meteora_gemv(x, p["WT"], p["A"], p["B"], p["s"], p["e"], p["w"],
                                             block_sizes=block_sizes)
+    if name == "fused-linear":  # base product and expand as one reduction (what the model runs for 512..8192 tokens)
+        return lambda x, p: mp.meteora_linear(x, p["W"], p["A"], p["B"], p["s"], p["e"], p["w"],
+                                              block_sizes=block_sizes)
     if name == "fused-add":  # the routed pair adds the adapter term into the base output's buffer
         return lambda x, p: mp.meteora_fused_add(x, x @ p["W"], p["A"], p["B"], p["s"], p["e"], p["w"],
                                                  block_sizes=block_sizes)
@@ -132,12 +136,19 @@ def bench_jax_layer(name, params, x, block_sizes=None, passes=PASSES, memory=Tru
 
 
 def bench_jax_train(name, params, x, block_sizes=None):
-    """(fwd s, fwd+bwd s) of the adapter term alone over the 8 layers (summed, not chained)."""
-    fn = jax_strategy(name, block_sizes)
+    """(fwd s, fwd+bwd s) of the adapter term alone over the 8 layers (summed, not chained); for `fused-linear` and
+    `dense-layer`, of the whole layer (base product included; W gets no gradient)."""
     cot = jnp.ones((x.shape[0], DOUT), DT)
+    if name == "dense-layer":
+        fn = lambda x, a, b, s, e, w, W: x @ W + strategies.dense(x, a, b, s, e, w)  # noqa: E731
+    elif name == "fused-linear":
+        fn = lambda x, a, b, s, e, w, W: mp.meteora_linear(x, W, a, b, s, e, w, block_sizes=block_sizes)  # noqa: E731
+    else:
+        adapter = jax_strategy(name, block_sizes)
+        fn = lambda x, a, b, s, e, w, W: adapter(x, a, b, s, e, w)  # noqa: E731
 
     def fwd(x, a, b, w):
-        return sum(fn(x, a[i], b[i], params[i]["s"], params[i]["e"], w[i]) for i in range(LAYERS))
+        return sum(fn(x, a[i], b[i], params[i]["s"], params[i]["e"], w[i], params[i]["W"]) for i in range(LAYERS))
 
     def loss(x, a, b, w):
         return jnp.sum(fwd(x, a, b, w).astype(jnp.float32) * cot)
@@ -338,10 +349,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    ap.add_argument("--jax", default="base,base-t,lora,loop,gather,dense,fused,fused-add,fused-gemv,triton")
+    ap.add_argument("--jax",
+                    default="base,base-t,lora,loop,gather,dense,fused,fused-linear,fused-add,fused-gemv,triton")
+    ap.add_argument("--linear-min-tokens", type=int, default=256, help="smallest T for fused-linear")
     ap.add_argument("--add-max-tokens", type=int, default=64, help="largest T for fused-add (a few-token path)")
     ap.add_argument("--torch", default="base,lora,loop-original,bmm-torch")
-    ap.add_argument("--train", default="gather,dense,fused,triton")
+    ap.add_argument("--train", default="gather,dense,fused,triton,dense-layer,fused-linear")
     ap.add_argument("--train-tokens", default="1,64,1024,4096,16384")
     ap.add_argument("--notes", default="", help="markdown appended to the table (e.g. targets missed and why)")
     ap.add_argument("--tune", action="store_true", help="search block sizes of fused instead (writes tune.json)")
@@ -369,7 +382,8 @@ def main(argv=None):
         base = None
         bs = mp.BlockSizes(**chosen.get(t, {}))
         for nm in jax_names:
-            if (nm == "fused-add" and t > args.add_max_tokens) or (nm == "fused-gemv" and t > bs.gemv_max_tokens):
+            if ((nm == "fused-add" and t > args.add_max_tokens) or (nm == "fused-gemv" and t > bs.gemv_max_tokens)
+                    or (nm == "fused-linear" and t < args.linear_min_tokens)):
                 continue
             try:
                 sec, extra = bench_jax_layer(nm, params, xj, bs if nm.startswith(("fused", "triton")) else None)
@@ -399,9 +413,9 @@ def main(argv=None):
             del tparams, tx
             torch.cuda.empty_cache()
         if str(t) in args.train_tokens.split(","):
-            for nm in [n for n in args.train.split(",") if n in jax_names]:
+            for nm in [n for n in args.train.split(",") if n in jax_names or n == "dense-layer"]:
                 try:
-                    f, fb = bench_jax_train(nm, params, xj, bs if nm in ("fused", "triton") else None)
+                    f, fb = bench_jax_train(nm, params, xj, bs if nm in ("fused", "triton", "fused-linear") else None)
                 except Exception as err:
                     print(f"train {nm:14s} T={t:6d} FAILED {type(err).__name__}: {str(err)[:400]}", flush=True)
                     continue

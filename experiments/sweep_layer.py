@@ -5,7 +5,8 @@
 `bench_layer.py` measures every strategy at in = out = 4096, E = 28, r = 8, k = 2. This sweep moves one of those
 away from that centre at a time: the linears 4096->1024 (k/v), 4096->14336 (gate/up) and 14336->4096 (down);
 E in {8, 64}; r in {16, 64}; k = 1. For each it times the JAX base linear and the strategies (`gather`, `dense`,
-`fused`), and in the same process PyTorch's base linear and the paper's bmm-torch, at a few token counts.
+`fused`, and `fused-linear`: `meteora_linear`, base product and expand as one reduction), and in the same
+process PyTorch's base linear and the paper's bmm-torch, at a few token counts.
 
 Each layer has its own input (in != out rules out chaining): 8 distinct layers, whose weights exceed the H100's
 and H200's 50 MB L2 at these sizes, run one after another inside one jitted program (PyTorch: one stream,
@@ -29,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.bench_layer import jax_strategy, time_call  # noqa: E402
+from kernels import meteora_pallas as mp  # noqa: E402
 
 LAYERS = 8
 DT = jnp.bfloat16
@@ -72,6 +74,8 @@ def bench_jax(name, layers):
     params = [{k: jnp.asarray(v, DT if k in ("x", "W", "A", "B") else v.dtype) for k, v in p.items()} for p in layers]
     if name == "base":
         layer = lambda p: p["x"] @ p["W"]
+    elif name == "fused-linear":
+        layer = lambda p: mp.meteora_linear(p["x"], p["W"], p["A"], p["B"], p["s"], p["e"], p["w"])
     else:
         fn = jax_strategy(name)
         layer = lambda p: p["x"] @ p["W"] + fn(p["x"], p["A"], p["B"], p["s"], p["e"], p["w"])
@@ -145,7 +149,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--tokens", default="1,64,1024,4096")
-    ap.add_argument("--jax", default="base,gather,dense,fused")
+    ap.add_argument("--jax", default="base,gather,dense,fused,fused-linear")
     ap.add_argument("--torch", default="base,bmm-torch")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes (a smoke run)")
     ap.add_argument("--dim-scale", type=int, default=1, help="divide in and out by this (a CPU smoke run)")

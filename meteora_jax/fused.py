@@ -7,7 +7,8 @@ so `MeteoraConfig(strategy="fused")` picks it. `fused` runs anywhere (Pallas int
 Both are differentiable (custom VJP): the gate trains through them, and so can the experts.
 
 `ROUTED` maps a strategy to a function that runs a MeteoRA linear's gate, routing and adapter term together
-for a few tokens (decode): `MeteoraLinear` calls it, with the base output, when N <= `max_tokens`.
+for a few tokens (decode): `MeteoraLinear` calls it, with the base output, when N <= `max_tokens`. `linear_fn`
+gives the function that computes base product and adapter term together for many tokens (prefill, training).
 """
 
 from __future__ import annotations
@@ -39,3 +40,14 @@ class Routed:
 
 
 ROUTED = {"fused": Routed(meteora_pallas.meteora_routed, meteora_pallas.BlockSizes().routed_max_tokens)}
+
+
+def linear_fn(strategy: str, n_tokens: int) -> Callable | None:
+    """`fn(x, w, a, b, scaling, experts, weights) -> x @ w + delta` when `strategy` computes a whole MeteoRA linear
+    (base product and expand in one reduction) for `n_tokens` tokens, else None (`MeteoraLinear` then adds the
+    strategy's adapter term to its base product). `fused` does from `linear_min_tokens` to `linear_max_tokens`
+    (of `BlockSizes.get_default()`)."""
+    bs = meteora_pallas.BlockSizes.get_default()
+    if strategy == "fused" and bs.linear_min_tokens <= n_tokens <= bs.linear_max_tokens:
+        return meteora_pallas.meteora_linear
+    return None

@@ -19,7 +19,8 @@ one compiled program serves any mix of adapters (`override_routing`).
 
 The adapter term is computed by a strategy (`meteora_jax.strategies`: `loop`, `gather`, `dense`, and the
 kernels `fused`, `triton`), all of one signature. With `fused`, a call of at most 16 tokens (decoding) runs
-the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`).
+the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`), and a
+call of 512 to 8192 tokens runs the base product and the expand as one reduction (`meteora_jax.fused.linear_fn`).
 A call returns `(y, Routing(logits, experts, weights))`, so gate logits (for the training loss) and the
 chosen experts (for the routing trace) leave jit as ordinary outputs.
 
@@ -38,7 +39,7 @@ from flax import nnx
 
 from meteora_jax.config import LlamaConfig
 from meteora_jax.llama import TARGET_MODULES, Linear, Llama
-from meteora_jax.strategies import ROUTED, STRATEGIES
+from meteora_jax.strategies import ROUTED, STRATEGIES, linear_fn
 
 ROUTINGS = ("topk_softmax", "softmax_topk")
 
@@ -172,14 +173,14 @@ class MeteoraLinear(Linear):
     def __call__(self, x: jax.Array, forced: jax.Array | None = None) -> tuple[jax.Array, Routing | None]:
         """`x [..., in]`; `forced` (optional) per-token forced experts of shape `x.shape[:-1]` (-1: the gate
         routes that token; see `override_routing`)."""
-        y = self.base(x)
         if not self.adapters_enabled:
-            return y, None
+            return self.base(x), None
         lead, d_in = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, d_in).astype(self.dtype)
         a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
         routed = ROUTED.get(self.strategy)
         if routed is not None and forced is None and xf.shape[0] <= routed.max_tokens:  # decode: two launches
+            y = self.base(x)
             y2, logits, experts, weights = routed.fn(
                 xf, y.reshape(xf.shape[0], -1), self.gate[...].astype(jnp.float32), a, b, self.scaling[...],
                 top_k=self.top_k, temperature=self.temperature, routing=self.routing,
@@ -195,9 +196,16 @@ class MeteoraLinear(Linear):
             weights = jnp.ones((xf.shape[0], 1), jnp.float32)
         if forced is not None:
             experts, weights = override_routing(experts, weights, forced.reshape(-1))
-        fn = STRATEGIES[self.strategy]
-        delta = fn(xf, a, b, self.scaling[...], experts, weights)
-        y = y + delta.reshape(*lead, -1).astype(y.dtype)
+        linear = linear_fn(self.strategy, xf.shape[0])
+        if linear is not None:  # base product and adapter term together
+            y = linear(xf, self.kernel[...].astype(self.dtype), a, b, self.scaling[...], experts, weights)
+            y = y.reshape(*lead, -1)
+            if self.bias is not None:
+                y = y + self.bias[...].astype(self.dtype)
+        else:
+            delta = STRATEGIES[self.strategy](xf, a, b, self.scaling[...], experts, weights)
+            y = self.base(x)
+            y = y + delta.reshape(*lead, -1).astype(y.dtype)
         k = experts.shape[-1]
         return y, Routing(logits.reshape(*lead, -1), experts.reshape(*lead, k), weights.reshape(*lead, k))
 

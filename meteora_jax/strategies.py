@@ -60,8 +60,9 @@ def dense(x, a, b, scaling, experts, weights):
 STRATEGIES = {"loop": loop, "gather": gather, "dense": dense}
 
 try:  # the kernel strategies "fused" and "triton" (meteora_jax/fused.py; kernels/ needs jax's Pallas)
-    from meteora_jax.fused import ROUTED
+    from meteora_jax.fused import ROUTED, linear_fn
     from meteora_jax.fused import STRATEGIES as _KERNEL_STRATEGIES
 except ImportError:  # pragma: no cover - a jax without Pallas: the pure-JAX strategies only
     _KERNEL_STRATEGIES, ROUTED = {}, {}
+    linear_fn = lambda strategy, n_tokens: None  # noqa: E731
 STRATEGIES.update(_KERNEL_STRATEGIES)

@@ -793,3 +793,38 @@ def test_linear_bad_args_are_refused():
     (x, a, b, s, e, w), _ = make_inputs(Case(4, 32, 16, 3, 4, 2), 0)
     with pytest.raises(ValueError, match=r"w \(16, 32\) must be \[in=32, out=16\]"):
         mp.meteora_linear(x, jnp.zeros((16, 32), x.dtype), a, b, s, e, w, interpret=True)
+
+
+def test_model_fused_linear_path_equals_gather():
+    """With `fused`, calls in the linear range (here every call: `linear_min_tokens=1`) run `meteora_linear`; the
+    logits and the gates' gradient equal the `gather` strategy's."""
+    from meteora_jax.config import LlamaConfig
+    from meteora_jax.meteora import GateParam, MeteoraConfig, MeteoraLlama, set_routing
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    mcfg = MeteoraConfig(expert_names=("a", "b", "c"), rank=4, target_modules=("q_proj", "down_proj"))
+    model = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(3))
+    rng = np.random.default_rng()
+    tokens = jnp.asarray(rng.integers(0, 64, (2, 9)))
+    cot = jnp.asarray(rng.standard_normal((2, 9, 64)), jnp.float32)
+
+    def run(m):
+        loss = lambda m: jnp.sum(m(tokens).logits * cot)  # noqa: E731
+        return m(tokens).logits, nnx.grad(loss, argnums=nnx.DiffState(0, GateParam))(m)
+
+    ref, ref_g = run(model)
+    calls = []
+    real = mp.meteora_linear
+    mp.set_default_block_sizes(mp.BlockSizes(linear_min_tokens=1))
+    try:
+        mp.meteora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+        set_routing(model, strategy="fused")
+        out, g = run(model)
+    finally:
+        mp.meteora_linear = real
+        mp.set_default_block_sizes(None)
+    assert calls, "the fused strategy did not take the linear path"
+    assert_close(out, ref, 1e-4, "logits")
+    for (path, gv), (_, rv) in zip(nnx.to_flat_state(g), nnx.to_flat_state(ref_g), strict=True):
+        assert_close(gv.get_value(), rv.get_value(), 1e-4, f"gate grad {path}")
