@@ -96,17 +96,17 @@ class BlockSizes:
     gemv_warps: int = 4
     gemv_stages: int = 4  # software pipelining depth for one token
     gemv_stages_tokens: int = 3  # ... and for more
-    # `meteora_linear` (base product and expand as one reduction, [x | H] @ [W ; b_wide]); MeteoraLinear(strategy=
-    # "fused") uses it for linear_min_tokens <= N <= linear_max_tokens: on the H200 the kernels' matmul with these
-    # tiles beat XLA's base product at T = 1024, matched it at 4096 and trailed it by 16% at 16384
-    # (experiments/results/probe_large_t.md)
+    # `meteora_linear` (base product and expand as one reduction, [x | H] @ [W ; b_wide]). MeteoraLinear(strategy=
+    # "fused") uses it for linear_min_tokens <= N <= linear_max_tokens: off by default. On the H200 the product
+    # alone is as fast as XLA's base product (these tiles), but the shrink before it made the layer 1.94x the base
+    # at T = 4096 against 1.33x for `dense` (experiments/results/h200/README.md)
     linear_min_tokens: int = 512
-    linear_max_tokens: int = 8192
+    linear_max_tokens: int = 0
     linear_block_tokens: int = 128
     linear_block_out: int = 256
-    linear_block_in: int = 64
+    linear_block_in: int = 64  # halved for 4-byte operands (shared memory)
     linear_warps: int = 8
-    linear_stages: int = 4
+    linear_stages: int = 4  # at most 3 for 4-byte operands
     num_warps: int | None = None  # None: 8 for tiles of >= 64 x 256 elements, else 4
     num_stages: int = 3
 
@@ -539,10 +539,13 @@ def _linear_forward(x, w, a, b, scaling, experts, weights, bs, interpret, keep_p
         h = (_coef(experts, weights, scaling, r)[0] * p).astype(x.dtype)
     else:
         h = _shrink(x, a, Wide(d, r), d, r, c, routing, bs, impl, scale=True)
+    wide = x.dtype.itemsize > 2  # f32 tiles: half the K step and at most 3 stages fit the shared memory
+    bk = bs.linear_block_in // 2 if wide else bs.linear_block_in
     y = _matmul(x, w, m=n_tok, n=o, kdim=d, lhs=Rows(d), rhs=Rows(o), out=Rows(o), out_dtype=x.dtype, dtype=x.dtype,
-                bm=bs.linear_block_tokens, bn=bs.linear_block_out, bk=bs.linear_block_in,
-                second=(h, b, c, Rows(c), Rows(o), min(bs.linear_block_in, _p2(c))), num_warps=bs.linear_warps,
-                num_stages=bs.linear_stages, interpret=interpret, name="meteora_linear")
+                bm=bs.linear_block_tokens, bn=bs.linear_block_out, bk=bk,
+                second=(h, b, c, Rows(c), Rows(o), min(bk, _p2(c))), num_warps=bs.linear_warps,
+                num_stages=min(bs.linear_stages, 3) if wide else bs.linear_stages, interpret=interpret,
+                name="meteora_linear")
     return y.reshape(n_tok, o), p
 
 

@@ -19,8 +19,8 @@ one compiled program serves any mix of adapters (`override_routing`).
 
 The adapter term is computed by a strategy (`meteora_jax.strategies`: `loop`, `gather`, `dense`, and the
 kernels `fused`, `triton`), all of one signature. With `fused`, a call of at most 16 tokens (decoding) runs
-the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`), and a
-call of 512 to 8192 tokens runs the base product and the expand as one reduction (`meteora_jax.fused.linear_fn`).
+the gate product, the routing and the adapter term together in two kernels (`meteora_jax.fused.ROUTED`); an
+opt-in path (`meteora_jax.fused.linear_fn`) runs the base product and the expand as one reduction for many tokens.
 A call returns `(y, Routing(logits, experts, weights))`, so gate logits (for the training loss) and the
 chosen experts (for the routing trace) leave jit as ordinary outputs.
 

@@ -796,8 +796,8 @@ def test_linear_bad_args_are_refused():
 
 
 def test_model_fused_linear_path_equals_gather():
-    """With `fused`, calls in the linear range (here every call: `linear_min_tokens=1`) run `meteora_linear`; the
-    logits and the gates' gradient equal the `gather` strategy's."""
+    """With `fused` and the linear path switched on (here for every call), calls run `meteora_linear`; the logits
+    and the gates' gradient equal the `gather` strategy's. (Off by default: no call takes it.)"""
     from meteora_jax.config import LlamaConfig
     from meteora_jax.meteora import GateParam, MeteoraConfig, MeteoraLlama, set_routing
 
@@ -816,10 +816,12 @@ def test_model_fused_linear_path_equals_gather():
     ref, ref_g = run(model)
     calls = []
     real = mp.meteora_linear
-    mp.set_default_block_sizes(mp.BlockSizes(linear_min_tokens=1))
     try:
         mp.meteora_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
         set_routing(model, strategy="fused")
+        model(tokens)
+        assert not calls, "the linear path is off by default"
+        mp.set_default_block_sizes(mp.BlockSizes(linear_min_tokens=1, linear_max_tokens=1 << 20))
         out, g = run(model)
     finally:
         mp.meteora_linear = real
