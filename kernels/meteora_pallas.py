@@ -97,11 +97,12 @@ class BlockSizes:
     gemv_stages: int = 4  # software pipelining depth for one token
     gemv_stages_tokens: int = 3  # ... and for more
     # `meteora_linear` (base product and expand as one reduction, [x | H] @ [W ; b_wide]). MeteoraLinear(strategy=
-    # "fused") uses it for linear_min_tokens <= N <= linear_max_tokens: off by default. On the H200 the product
-    # alone is as fast as XLA's base product (these tiles), but the shrink before it made the layer 1.94x the base
-    # at T = 4096 against 1.33x for `dense` (experiments/results/h200/README.md)
-    linear_min_tokens: int = 512
+    # "fused") uses it for linear_min_tokens <= N <= linear_max_tokens: off by default. On the H200 (4096 -> 4096,
+    # E = 28, r = 8) it beat `dense` at T = 4096 (1.34x the base against 1.43x) and lost at 1024 and 16384
+    # (experiments/results/h200/README.md); not yet measured in the model or at other shapes
+    linear_min_tokens: int = 4096
     linear_max_tokens: int = 0
+    linear_shrink_split: int = 1  # its shrink's split of D (split with atomics: 1.86x against 1.34x at T = 4096)
     linear_block_tokens: int = 128
     linear_block_out: int = 256
     linear_block_in: int = 64  # halved for 4-byte operands (shared memory)
@@ -522,8 +523,9 @@ def meteora_fused(x, a, b, scaling, experts, weights, *, block_sizes: BlockSizes
 
 
 # --------------------------------------------------------- base product and adapter term as one reduction
-# `meteora_linear`: y = x @ W + H @ b_wide with H = coef * (x @ a_wide) from the shrink above, the expand folded
-# into the base product's reduction: each output tile runs its K loop over x / W and then over H / b_wide
+# `meteora_linear`: y = x @ W + H @ b_wide with H = coef * (x @ a_wide) from the shrink above (here reading a
+# contiguous copy of a_wide, unsplit: both measured faster at T = 4096), the expand folded into the base product's
+# reduction: each output tile runs its K loop over x / W and then over H / b_wide
 # (`_matmul`'s `second`), so the adapter term costs the shrink plus E*r / in more reduction, with no delta written
 # and no separate add. The backward is the adapter term's (`_fused_bwd`) plus g @ W^T and x^T @ g in XLA.
 
@@ -533,12 +535,14 @@ def _linear_forward(x, w, a, b, scaling, experts, weights, bs, interpret, keep_p
     c, o = e_num * r, w.shape[1]
     impl = Impl(matmul=_matmul, decode=_decode, interpret=interpret)
     routing = _routing(experts, weights, scaling)
+    a_wide = a.transpose(1, 0, 2).reshape(d, c)  # contiguous rows for the shrink's tiles (a copy of E*D*r elements)
+    sbs = dataclasses.replace(bs, shrink_split=bs.linear_shrink_split)
     p = None
     if keep_p:  # for the backward: P unscaled
-        p = _shrink(x, a, Wide(d, r), d, r, c, routing, bs, impl, scale=False)
+        p = _shrink(x, a_wide, Rows(c), d, r, c, routing, sbs, impl, scale=False)
         h = (_coef(experts, weights, scaling, r)[0] * p).astype(x.dtype)
     else:
-        h = _shrink(x, a, Wide(d, r), d, r, c, routing, bs, impl, scale=True)
+        h = _shrink(x, a_wide, Rows(c), d, r, c, routing, sbs, impl, scale=True)
     wide = x.dtype.itemsize > 2  # f32 tiles: half the K step and at most 3 stages fit the shared memory
     bk = bs.linear_block_in // 2 if wide else bs.linear_block_in
     y = _matmul(x, w, m=n_tok, n=o, kdim=d, lhs=Rows(d), rhs=Rows(o), out=Rows(o), out_dtype=x.dtype, dtype=x.dtype,
