@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.bench_layer import jax_strategy, time_call  # noqa: E402
+from experiments.bench_layer import jax_strategy, time_call, torch_layer  # noqa: E402
 from kernels import meteora_pallas as mp  # noqa: E402
 
 LAYERS = 8
@@ -92,12 +92,8 @@ def bench_torch(name, layers, repeats=7):
         q["e"] = q["e"].long()
         ps.append(q)
 
-    def bmm_torch(p):  # the paper's bmm-torch: gather each token's k experts, then batched products
-        a_sel, b_sel = p["A"][p["e"]], p["B"][p["e"]]
-        h = torch.einsum("td,tkdr->tkr", p["x"], a_sel) * (p["w"] * p["s"][p["e"]]).to(p["x"].dtype)[..., None]
-        return p["x"] @ p["W"] + torch.einsum("tkr,tkro->to", h, b_sel)
-
-    layer = {"base": lambda p: p["x"] @ p["W"], "bmm-torch": bmm_torch}[name]
+    fn = torch_layer(name)  # bench_layer's: base, bmm-torch (the paper's path)
+    layer = lambda p: fn(p["x"], p)  # noqa: E731
     with torch.no_grad():
         for _ in range(2):
             [layer(p) for p in ps]
