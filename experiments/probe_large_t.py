@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
+from experiments import sweep_layer  # noqa: E402
 from experiments.bench_layer import time_call  # noqa: E402
 from kernels import meteora_pallas as mp  # noqa: E402
 from meteora_jax import strategies  # noqa: E402
@@ -53,19 +53,12 @@ TILINGS = [  # (bm, bn, bk, warps, stages)
 
 
 def make(t, seed=0):
-    rng = np.random.default_rng(seed)
+    """sweep_layer's layers (each with its own x) in bf16, plus [W ; b_wide] and a stand-in for [x | H]."""
     layers = []
-    for _ in range(LAYERS):
-        logits = rng.standard_normal((t, E))
-        idx = np.argsort(-logits, axis=1)[:, :K]
-        w = np.exp(np.take_along_axis(logits, idx, 1))
-        p = dict(x=rng.standard_normal((t, D)), W=rng.standard_normal((D, DOUT)) / D ** 0.5,
-                 A=rng.standard_normal((E, D, R)) / D ** 0.5, B=rng.standard_normal((E, R, DOUT)) / R ** 0.5)
-        p = {k: jnp.asarray(v, DT) for k, v in p.items()}
-        p.update(s=jnp.asarray(rng.uniform(0.5, 2.0, E), jnp.float32), e=jnp.asarray(idx, jnp.int32),
-                 w=jnp.asarray(w / w.sum(1, keepdims=True), jnp.float32))
+    for q in sweep_layer.make_layers(sweep_layer.Shape(d=D, dout=DOUT, e=E, r=R, k=K), t, seed):
+        p = {k: jnp.asarray(v, DT if k in ("x", "W", "A", "B") else v.dtype) for k, v in q.items()}
         p["WB"] = jnp.concatenate([p["W"], p["B"].reshape(E * R, DOUT)], axis=0)
-        p["xc"] = jnp.concatenate([p["x"], jnp.ones((t, E * R), DT)], axis=1)  # a stand-in for [x | H]
+        p["xc"] = jnp.concatenate([p["x"], jnp.ones((t, E * R), DT)], axis=1)
         layers.append(p)
     return layers
 
