@@ -14,8 +14,9 @@
 # layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
 # layer_bench_tuned (uses that tune.json), tune_decode (TUNE_DECODE_ARGS), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
-# CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS), sweep_layer
-# (experiments/sweep_layer.py with SWEEP_ARGS).
+# CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS), sweep_layer and sweep_layer2
+# (experiments/sweep_layer.py with SWEEP_ARGS / SWEEP2_ARGS, into $RES/sweep / $RES/sweep2), kernels_linear (the GPU
+# tests of meteora_linear).
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -68,6 +69,8 @@ for job in "$@"; do
     probe_large_t) run probe_large_t python3 experiments/probe_large_t.py --out "$RES/probe_large_t.json" \
                      ${PROBE_ARGS:-} ;;
     sweep_layer) run sweep_layer python3 experiments/sweep_layer.py --out "$RES/sweep" ${SWEEP_ARGS:-} ;;
+    sweep_layer2) run sweep_layer2 python3 experiments/sweep_layer.py --out "$RES/sweep2" ${SWEEP2_ARGS:-} ;;
+    kernels_linear) run kernels_linear python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -k linear ;;
     generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
                       ${GENERATE_ARGS:-} ;;
     *) echo "== unknown job $job" >> "$RES/progress" ;;
