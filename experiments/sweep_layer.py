@@ -7,7 +7,8 @@ away from that centre at a time: the linears 4096->1024 (k/v), 4096->14336 (gate
 E in {8, 64}; r in {16, 64}; k = 1. For each it times, forward, the JAX base linear and the strategies (`loop`,
 `gather`, `dense`, `fused`, `triton`, and `fused-linear`: `meteora_linear`, base product and expand as one
 reduction), in the same process PyTorch's base linear and the paper's bmm-torch, and, at fewer token counts, the
-gate-training step through the layer (forward plus the gradients of x and of the routing weights).
+backward of the gate-training step through the layer (the gradients of x and of the routing weights), with its
+time over the same strategy's forward.
 
 Each layer has its own input (in != out rules out chaining): 8 distinct layers, whose weights exceed the H100's
 and H200's 50 MB L2 at these sizes, run one after another inside one jitted program (PyTorch: one stream,
@@ -106,23 +107,25 @@ def bench_jax(name, layers):
 
 
 def bench_jax_train(name, layers):
-    """Seconds per layer of the gate-training step through the whole layer: forward, then the gradients of x and of
-    the routing weights (what flows back to the gate; W and the experts are frozen). The base gets the gradient of
-    x alone. Each layer's output is weighted by its own fixed random cotangent."""
+    """Seconds per layer of the backward of the gate-training step through the whole layer: `jax.grad` of
+    sum(y * cotangent) for the gradients of x and of the routing weights (what flows back to the gate; W and the
+    experts are frozen); the base, x alone. jax.grad does not return the loss, so XLA drops whatever of the forward
+    no gradient needs (all of the base product x @ W): this is the backward's time, which a training step adds to
+    its forward. Each layer's output has its own fixed random cotangent."""
     params = _jax_params(layers)
     layer = _jax_layer(name)
     rng = np.random.default_rng(1)
     cots = [jnp.asarray(rng.standard_normal((p["x"].shape[0], p["W"].shape[1]), np.float32), DT) for p in params]
     frozen = [{k: v for k, v in p.items() if k not in ("x", "w")} for p in params]
 
-    def loss(xs, ws):
+    def loss(xs, ws, frozen, cots):  # everything an argument: closed-over arrays would be constants XLA folds
         outs = [layer(p, x, w) for p, x, w in zip(frozen, xs, ws, strict=True)]
         return sum(jnp.sum(y.astype(jnp.float32) * c) for y, c in zip(outs, cots, strict=True))
 
     xs = [p["x"] for p in params]
     ws = [p["w"] for p in params]
     grad = jax.grad(loss, argnums=0) if name == "base" else jax.grad(loss, argnums=(0, 1))
-    return time_call(jax.jit(grad), xs, ws) / LAYERS
+    return time_call(jax.jit(grad), xs, ws, frozen, cots) / LAYERS
 
 
 def bench_torch(name, layers, repeats=7):
@@ -162,6 +165,24 @@ def _column(name):
     return COLUMNS.index(name) if name in COLUMNS else len(COLUMNS)
 
 
+def _key(r):
+    return r["kind"], r["shape"], r["T"], r["name"]
+
+
+def relate(records):
+    """Set, in place, each record's ratio to its framework's base of the same kind, shape and T, and each
+    backward record's bwd_over_fwd (its time over the same strategy's forward); nan / None where those are
+    missing. Returns records."""
+    by = {_key(r): r for r in records}
+    for r in records:
+        base = by.get((r["kind"], r["shape"], r["T"], r["name"].split()[0] + " base"))
+        r["ratio"] = r["ms"] / base["ms"] if base else float("nan")
+        if r["kind"] == "train":
+            fwd = by.get(("fwd", r["shape"], r["T"], r["name"]))
+            r["bwd_over_fwd"] = r["ms"] / fwd["ms"] if fwd else None
+    return records
+
+
 def _cell(r):
     cell = f"{r['ms']:.4f} ({r['ratio']:.2f}x"
     if r.get("bwd_over_fwd") is not None:
@@ -181,8 +202,9 @@ def write(records, meta, out_dir):
              f"Command: `{meta['command']}`", "",
              "Time per layer (ms) and ratio to the same framework's base linear; 8 distinct layers, each with its own "
              "input, in one program. Centre: 4096->4096, E = 28, r = 8, k = 2; each row moves one of them.", ""]
-    for kind, title in (("fwd", "Forward"), ("train", "Gate-training step (forward + gradients of x and the routing "
-                                                      "weights; bwd/fwd = (step - forward) / forward)")):
+    for kind, title in (("fwd", "Forward"), ("train", "Backward of the gate-training step (the gradients of x and of "
+                                                      "the routing weights; bwd/fwd = its time / the same strategy's "
+                                                      "forward)")):
         for t in sorted({r["T"] for r in records if r["kind"] == kind}):
             rows = [r for r in records if r["T"] == t and r["kind"] == kind]
             names = sorted(dict.fromkeys(r["name"] for r in rows), key=_column)
@@ -209,14 +231,15 @@ def main(argv=None):
                     help="JAX strategies timed forward (base first: the ratios are to it)")
     ap.add_argument("--torch", default="base,bmm-torch", help="PyTorch layers timed forward (bench_layer's)")
     ap.add_argument("--train", default="base,dense,fused,fused-linear",
-                    help="JAX strategies timed as a gate-training step (forward + gradients of x and the routing "
-                         "weights); empty for none")
-    ap.add_argument("--train-tokens", default="64,4096", help="token counts of the training-step runs")
+                    help="JAX strategies whose backward of the gate-training step is timed (the gradients of x and "
+                         "of the routing weights); empty for none")
+    ap.add_argument("--train-tokens", default="64,4096", help="token counts of the backward runs")
     ap.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N shapes (a smoke run)")
     ap.add_argument("--dim-scale", type=int, default=1, help="divide in and out by this (a CPU smoke run)")
     ap.add_argument("--append", default=None,
                     help="an earlier layer_sweep.json whose records are kept in the report, except those of a kind, "
-                         "shape, T and strategy measured again now (each ratio is to the base of its own run)")
+                         "shape, T and strategy measured again now (ratios are then to the base shown in the report, "
+                         "whichever run measured it)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -245,7 +268,6 @@ def main(argv=None):
                 runs += [("fwd", "torch", n, bench_torch) for n in args.torch.split(",") if n and have_torch]
             if t in train_tokens:
                 runs += [("train", "jax", n, bench_jax_train) for n in args.train.split(",") if n]
-            base = {}
             for kind, fw, name, bench in runs:
                 try:
                     sec = bench(name, layers)
@@ -253,19 +275,12 @@ def main(argv=None):
                     print(f"{s.label()} T={t} {kind} {fw} {name}: FAILED {type(err).__name__}: {str(err)[:300]}",
                           flush=True)
                     continue
-                if name == "base":
-                    base[(kind, fw)] = sec
-                ratio = sec / base[(kind, fw)] if (kind, fw) in base else float("nan")
-                rec = dict(kind=kind, shape=s.label(), T=t, name=f"{fw} {name}", ms=sec * 1e3, ratio=ratio)
-                if kind == "train":  # the backward's cost against the same strategy's forward, where timed
-                    fwd = next((r for r in records if r["kind"] == "fwd" and r["shape"] == rec["shape"]
-                                and r["T"] == t and r["name"] == rec["name"]), None)
-                    rec["bwd_over_fwd"] = (rec["ms"] - fwd["ms"]) / fwd["ms"] if fwd else None
-                records.append(rec)
-                print(f"{s.label():32s} T={t:5d} {kind:5s} {fw:5s} {name:12s} {sec * 1e3:8.4f} ms {ratio:6.2f}x",
-                      flush=True)
-            now = {(r["kind"], r["shape"], r["T"], r["name"]) for r in records}
-            write([r for r in kept if (r["kind"], r["shape"], r["T"], r["name"]) not in now] + records, meta, args.out)
+                records.append(dict(kind=kind, shape=s.label(), T=t, name=f"{fw} {name}", ms=sec * 1e3))
+                relate(records)
+                print(f"{s.label():32s} T={t:5d} {kind:5s} {fw:5s} {name:12s} {sec * 1e3:8.4f} ms "
+                      f"{records[-1]['ratio']:6.2f}x", flush=True)
+            now = {_key(r) for r in records}
+            write(relate([r for r in kept if _key(r) not in now] + records), meta, args.out)
     return records
 
 

@@ -44,14 +44,14 @@ def test_sweep_records_and_report(tmp_path, monkeypatch):
     for r in train:  # bwd/fwd against the same strategy's forward where that was timed (T = 5), else none
         f = [q for q in fwd if (q["shape"], q["T"], q["name"]) == (r["shape"], r["T"], r["name"])]
         if f:
-            assert abs(r["bwd_over_fwd"] - (r["ms"] - f[0]["ms"]) / f[0]["ms"]) < 1e-9
+            assert abs(r["bwd_over_fwd"] - r["ms"] / f[0]["ms"]) < 1e-9
         else:
             assert r["T"] == 3 and r["bwd_over_fwd"] is None
     saved = json.loads((tmp_path / "layer_sweep.json").read_text())
     assert saved["records"] == records
     md = (tmp_path / "layer_sweep.md").read_text()
-    assert "## Gate-training step" in md and md.index("## Forward, T = 5") < md.index("## Gate-training step")
-    md = md[:md.index("## Gate-training step")]
+    assert "## Backward" in md and md.index("## Forward, T = 5") < md.index("## Backward")
+    md = md[:md.index("## Backward")]
     for s in shapes:
         label = sweep_layer.dataclasses.replace(s, d=s.d // 64, dout=s.dout // 64).label()
         row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
@@ -67,6 +67,12 @@ def test_sweep_records_and_report(tmp_path, monkeypatch):
     assert {key(r) for r in again} == {("fwd", shapes[0].label().replace("4096", "64"), 5, n)
                                        for n in ("jax base", "jax gather")}
     assert sorted(map(key, merged["records"])) == sorted({key(r) for r in records} | {key(r) for r in again})
+    new_base = next(r for r in again if r["name"] == "jax base")
     for r in merged["records"]:
-        assert r in (again if key(r) in {key(q) for q in again} else records)
+        src = next(q for q in (again if key(r) in {key(q) for q in again} else records) if key(q) == key(r))
+        assert r["ms"] == src["ms"]
+        if r["kind"] == "fwd" and r["shape"] == new_base["shape"]:  # ratios are to the base the report shows
+            assert abs(r["ratio"] - r["ms"] / new_base["ms"]) < 1e-9
+        else:
+            assert abs(r["ratio"] - src["ratio"]) < 1e-9
     assert merged["meta"]["earlier_commands"] == [saved["meta"]["command"]]
