@@ -38,6 +38,20 @@ def make_hf_llama(kind: str = "llama2", seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(GGUF path, transformers model in float32, tokenizer) of the real SmolLM2-135M-Instruct, loaded once: reading
+    the GGUF through transformers takes most of a minute on a 2-core CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from convert.hf_llama import load_tokenizer, smollm2_gguf
+
+    path = smollm2_gguf()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    return path, hf, load_tokenizer(path)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama3(tmp_path_factory):
     """(our Llama, transformers model, folder) of a tiny random llama3-style model (GQA, tied, llama3 rope)."""

@@ -143,17 +143,12 @@ def test_forced_expert_equals_peft_generate(tiny_llama3):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers():
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from convert.hf_llama import TorchStateSource, _abstract_model, load_params, load_tokenizer, smollm2_gguf
+def test_smollm2_greedy_equals_transformers(smollm2):
+    from convert.hf_llama import TorchStateSource, _abstract_model, load_params
     from meteora_jax.config import LlamaConfig
     from meteora_jax.llama import plain_linear
 
-    path = smollm2_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    tok = load_tokenizer(path)
+    path, hf, tok = smollm2
     config = LlamaConfig.from_hf_config(hf.config)
     ours = load_params(_abstract_model(config, plain_linear), TorchStateSource(dict(hf.state_dict()), str(path)),
                        param_dtype=jnp.float32)

@@ -31,8 +31,7 @@ SCRIPT = textwrap.dedent("""
     print("RESULT" + json.dumps(out))
 """)
 
-MESHES = [(None, "split"), ("data=8", "split"), ("data=2,fsdp=2,tensor=2", "split"), ("fsdp=4,tensor=2", "split"),
-          ("fsdp=2,tensor=4", "replicated")]
+MESHES = [(None, "split"), ("data=2,fsdp=2,tensor=2", "split"), ("fsdp=2,tensor=4", "replicated")]
 
 
 @pytest.mark.slow
@@ -84,7 +83,7 @@ GEN_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_generation_on_meshes_equals_one_device():
-    meshes = [None, "tensor=8", "data=2,tensor=4", "data=4,fsdp=2", "fsdp=2,tensor=2,data=2"]
+    meshes = [None, "tensor=8", "fsdp=2,tensor=2,data=2"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     r = subprocess.run([sys.executable, "-c", GEN_SCRIPT.format(meshes=meshes)], capture_output=True, text=True,
                        env=env, timeout=900)

@@ -4,23 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.hf_llama import load_hf_llama, load_tokenizer, smollm2_gguf
+from convert.hf_llama import load_hf_llama, load_tokenizer, smollm2_gguf  # smollm2: the fixture in conftest
 
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     None,  # the chat template, below
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = smollm2_gguf()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    return path, hf, load_tokenizer(path)
 
 
 @pytest.mark.slow
