@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.hf_llama import load_hf_llama, load_tokenizer, smollm2_gguf  # smollm2: the fixture in conftest
+from convert.hf_llama import load_hf_llama  # smollm2: the fixture in conftest
 
 PROMPTS = [
     "The capital of France is",
@@ -32,20 +32,19 @@ def test_smollm2_logits_match_transformers(smollm2):
         np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
 
 
-def test_gguf_tokenizer_special_tokens_follow_the_file(monkeypatch):
+def test_gguf_tokenizer_special_tokens_follow_the_file(smollm2, monkeypatch):
     """BOS / EOS / padding of a GGUF tokenizer are the ids the file's metadata states (read here with the gguf
     package), also where transformers guesses otherwise (5.17 made SmolLM2's EOS <|im_start|>, simulated)."""
     from gguf import GGUFReader
     from transformers import AutoTokenizer
 
-    path = smollm2_gguf()
+    path, _, tok = smollm2  # tok: load_tokenizer(path)
     fields = GGUFReader(str(path)).fields
     want = {}
     for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
         f = fields[f"tokenizer.ggml.{key}_token_id"]
         want[role] = int(f.parts[f.data[0]][0])
     assert want["bos"] != want["eos"]
-    tok = load_tokenizer(path)
     assert {r: getattr(tok, f"{r}_token_id") for r in want} == want
     assert tok.convert_ids_to_tokens(want["eos"]) == "<|im_end|>"
 
@@ -58,5 +57,4 @@ def test_gguf_tokenizer_special_tokens_follow_the_file(monkeypatch):
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", wrong)
     assert wrong(str(path.parent), gguf_file=path.name).eos_token_id == want["bos"]
-    tok = load_tokenizer(path)
     assert {r: getattr(tok, f"{r}_token_id") for r in want} == want
