@@ -26,8 +26,12 @@ def _forward(model, tokens, forced=None):
     return np.asarray(out.logits), out.aux
 
 
-@pytest.mark.parametrize("strategy,mode", PATHS, ids=lambda v: str(v))
-@pytest.mark.parametrize("t", [1, 9])  # 3 tokens: the decode kernels' range; 27: the many-token math
+KERNEL_PATHS = [("fused", None), ("loop", "routed"), ("loop", "extended"), ("loop", "gemv")]
+
+
+# 3 tokens (t = 1): the decode kernels' range, on the paths that have one; 27 (t = 9): the many-token math, on all
+@pytest.mark.parametrize("strategy,mode,t", [(*p, 1) for p in KERNEL_PATHS] + [(*p, 9) for p in PATHS],
+                         ids=lambda v: str(v))
 def test_rows_equal_whole_model_with_that_expert(strategy, mode, t):
     rng = np.random.default_rng()
     seed = int(rng.integers(1 << 30))
