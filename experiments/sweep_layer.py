@@ -200,8 +200,9 @@ def write(records, meta, out_dir):
              f"Device: {meta['device']}. jax {meta['jax']}, torch {meta.get('torch')}.", "",
              *[f"Earlier command (records kept): `{c}`  " for c in meta.get("earlier_commands", [])],
              f"Command: `{meta['command']}`", "",
-             "Time per layer (ms) and ratio to the same framework's base linear; 8 distinct layers, each with its own "
-             "input, in one program. Centre: 4096->4096, E = 28, r = 8, k = 2; each row moves one of them.", ""]
+             "Time per layer (ms) and ratio to the same framework's base linear in the same row (in the backward "
+             "tables, to the base's backward, the gradient of x alone); 8 distinct layers, each with its own input, in "
+             "one program. Centre: 4096->4096, E = 28, r = 8, k = 2; each row moves one of them.", ""]
     for kind, title in (("fwd", "Forward"), ("train", "Backward of the gate-training step (the gradients of x and of "
                                                       "the routing weights; bwd/fwd = its time / the same strategy's "
                                                       "forward)")):
@@ -228,7 +229,7 @@ def main(argv=None):
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--tokens", default="1,16,64,256,1024,4096,16384", help="token counts of the forward runs")
     ap.add_argument("--jax", default="base,loop,gather,dense,fused,triton,fused-linear",
-                    help="JAX strategies timed forward (base first: the ratios are to it)")
+                    help="JAX strategies timed forward (ratios are to `base`)")
     ap.add_argument("--torch", default="base,bmm-torch", help="PyTorch layers timed forward (bench_layer's)")
     ap.add_argument("--train", default="base,dense,fused,fused-linear",
                     help="JAX strategies whose backward of the gate-training step is timed (the gradients of x and "
