@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.hf_llama import load_hf_llama  # smollm2: the fixture in conftest
+from convert.hf_llama import load_hf_llama, load_tokenizer  # smollm2: the fixture in conftest
 
 PROMPTS = [
     "The capital of France is",
@@ -57,4 +57,5 @@ def test_gguf_tokenizer_special_tokens_follow_the_file(smollm2, monkeypatch):
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", wrong)
     assert wrong(str(path.parent), gguf_file=path.name).eos_token_id == want["bos"]
+    tok = load_tokenizer(path)  # under the wrong guess: the file's ids still win
     assert {r: getattr(tok, f"{r}_token_id") for r in want} == want
