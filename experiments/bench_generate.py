@@ -82,7 +82,7 @@ def _time_decode(model, cfg, batch, steps, args, rng):
         jax.block_until_ready(cache)
         out = gen._decode(graphdef, state, cache, first, jnp.zeros(batch, bool), jnp.full((batch, 1), -2, jnp.int32),
                           jax.random.key(0), jnp.float32(1), jnp.float32(1), rule, jnp.int32(steps), jnp.int32(0),
-                          jnp.int32(0), static=static)
+                          jnp.int32(0), None, static=static)  # forced: none (the gate routes)
         return int(out[3])
 
     t0 = time.perf_counter()
@@ -119,7 +119,8 @@ def _time_prefill(model, cfg, length, args, rng):
     g, s = nnx.split(model)
     rule = gen._stop_rule(cfg.vocab_size, [], [], [])
     call = lambda: jax.block_until_ready(gen._prefill(g, s, toks, mask, jax.random.key(0), jnp.float32(1),
-                                                      jnp.float32(1), rule, jnp.int32(8), jnp.int32(0), static=st))
+                                                      jnp.float32(1), rule, jnp.int32(8), jnp.int32(0), None,
+                                                      static=st))
     call()
     return _median_time(call, args.repeats)
 
