@@ -83,8 +83,6 @@ class BlockSizes:
     routed_block_out: int = 128  # routed expand: output columns per program
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
-    routed_b_all: bool = False  # routed expand: load all E*r rows of the B tile before routing (no dependent load)
-    routed_warps: int | None = None  # routed expand: warps per program (None: 4 for <= 16 tokens, else 8)
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles
@@ -748,7 +746,7 @@ def _routed_expand_kernel(*refs, spec, has_y, **kw):
 
 
 def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None, b_all=False):
+                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None):
     """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
     the logits and P come from its columns, and without y_ref the base output too. `pre(cols, omask)`, if given,
     runs first and returns (the f32 base tile [bm, bn] of these columns, an int32 0 that orders every later load
@@ -768,9 +766,6 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     cols = off + (pid - first_tile) * bn + _iota(bn)
     rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end
     base, after = pre(cols, omask) if pre is not None else (None, 0)
-    b_off = ccols[:, None] * ld + cols[None, :]
-    # b_all: every row of the B tile, issued before the routing (more bytes, no load waiting on the top-k)
-    bw = _load(b_ref, b_off, cmask[:, None] & omask[None, :], interpret) if b_all else None
 
     if zl is None:  # buf: [N * gc] logits, then [N, c] P
         lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :] + after  # noqa: E731
@@ -797,8 +792,7 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     coef = jnp.where(rmask[:, None], coef * sc[None, :], 0.0)
     picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of B to read
     h = (coef * p).astype(dtype)
-    if bw is None:
-        bw = _load(b_ref, b_off, (picked & cmask)[:, None] & omask[None, :], interpret)
+    bw = _load(b_ref, ccols[:, None] * ld + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
     omask2 = rmask[:, None] & omask[None, :]
     yoff = rows[:, None] * ld + cols[None, :]
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
@@ -1305,7 +1299,7 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     bm, bn = _p2(n, 16), bs.routed_block_out
     out_dtype = y.dtype if y is not None else (out_dtype or b.dtype)
     kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec, dtype=b.dtype,
-              interpret=bool(interpret), zl=(ldz, gate_parts), b_all=bs.routed_b_all)
+              interpret=bool(interpret), zl=(ldz, gate_parts))
     args = [z.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32)]
     args += [] if y is None else [y.reshape(-1)]
     out, experts, weights = pl.pallas_call(
@@ -1313,7 +1307,7 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
         out_shape=(jax.ShapeDtypeStruct((n * ld,), out_dtype), jax.ShapeDtypeStruct((n * m * k,), jnp.int32),
                    jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
         input_output_aliases={3: 0} if y is not None else {},
-        compiler_params=plgpu.CompilerParams(num_warps=bs.routed_warps or (4 if bm <= 16 else 8), num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
         interpret=bool(interpret), name="meteora_routed_expand_z",
     )(*args)
     logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
