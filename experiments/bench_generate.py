@@ -472,14 +472,20 @@ def targets(records):
         best = max(met, key=met.get)
         out.append(f"- {sh}, batch 1: MeteoRA >= 120 tokens/s (decode loop): best {best} {met[best]:.1f}: "
                    f"**{'met' if met[best] >= 120 else 'NOT met'}**")
+    run_of, run = {}, 0  # ours against transformers measured by the same command where it measured both
+    for r in records:
+        run += r["kind"] == "device" and r.get("part") == "jax"
+        run_of[id(r)] = run
     for sh2 in dict.fromkeys(k[0] for k in gen):
-        ours = {v: r["tokens_per_s"] for (s, v), r in gen.items() if s == sh2 and r["kind"] == "generate"
-                and not v.startswith("base")}
-        if not ours:
-            continue
-        best = max(ours, key=ours.get)
         for ref, factor in (("peft-static", 1.0), ("peft-dynamic", 10.0)):
             r = gen.get((sh2, ref))
+            mine = [o for o in records if o["kind"] == "generate" and "error" not in o and o["shape"] == sh2
+                    and not o["variant"].startswith("base")]
+            same = [o for o in mine if r and run_of[id(o)] == run_of[id(r)]]
+            ours = {o["variant"]: o["tokens_per_s"] for o in (same or mine)}  # the later record of a variant wins
+            if not ours:
+                continue
+            best = max(ours, key=ours.get)
             if r:
                 ok = ours[best] >= factor * r["tokens_per_s"]
                 out.append(f"- {sh2}, batch 1, end to end: ours (MeteoRA {best}) {ours[best]:.1f} tokens/s vs "

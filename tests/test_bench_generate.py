@@ -32,3 +32,31 @@ def test_jax_part_runs_every_variant(tmp_path):
         assert {r["variant"] for r in records if r["kind"] == kind} == {"base", "base-packed", "dense", "packed"}
     md = out.with_suffix(".md").read_text()
     assert "| tiny | packed |" in md and "| tiny | dense |" in md
+
+
+def test_end_to_end_targets_compare_within_one_run():
+    """The issue wants ours and transformers `generate` measured in the same run: with two appended runs, the
+    target lines pair the torch records with ours from their run, not with a later run's."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng()
+    first, later, static, eager = (float(x) for x in rng.uniform(10, 500, 4))
+    records = [{"kind": "device", "part": "jax"},
+               {"kind": "generate", "part": "jax", "shape": "tiny", "variant": "dense", "tokens_per_s": first},
+               {"kind": "device", "part": "torch"},
+               {"kind": "hf_generate", "part": "torch", "shape": "tiny", "variant": "peft-static",
+                "tokens_per_s": static},
+               {"kind": "hf_generate", "part": "torch", "shape": "tiny", "variant": "peft-dynamic",
+                "tokens_per_s": eager},
+               {"kind": "device", "part": "jax"},  # a second, appended run without a torch part
+               {"kind": "generate", "part": "jax", "shape": "tiny", "variant": "dense", "tokens_per_s": later}]
+    lines = bench.targets(records)
+    assert len(lines) == 2
+    assert f"{first:.1f} tokens/s vs transformers + PEFT peft-static {static:.1f}: {first / static:.1f}x" in lines[0]
+    assert f"{first:.1f} tokens/s vs transformers + PEFT peft-dynamic {eager:.1f}: {first / eager:.1f}x" in lines[1]
+    assert ("**met**" in lines[1]) == (first >= 10 * eager)
