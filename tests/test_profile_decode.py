@@ -50,3 +50,22 @@ def test_summary_busy_span_and_top_kernels():
 
 def test_summary_without_events_says_so():
     assert "no device events" in load().summarise([], 5)["error"]
+
+
+def test_main_times_every_variant_on_the_tiny_shape(tmp_path):
+    """The script end to end on the CPU: each variant's decode program (`bench_generate._time_decode`, the program
+    `generate` compiles) runs and is timed; the CPU trace has no device planes, which the summary says."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "prof.json"
+    cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--batch", "2", "--variants", "base,dense,packed",
+           "--steps", "4", "--prompt", "8", "--experts", "3", "--rank", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["shape"] == "tiny" and res["batch"] == 2 and list(res["variants"]) == ["base", "dense", "packed"]
+    for v, summ in res["variants"].items():
+        assert summ["untraced_step_ms"] > 0 and summ["traced_wall_s"] > 0, v
+        assert "no device events" in summ["error"], v
