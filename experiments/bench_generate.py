@@ -361,17 +361,24 @@ def _fmt(x, digits=1):
     return "-" if x is None else f"{x:,.{digits}f}"
 
 
+def _run_of(records):
+    """`id(record) -> the run (command) that measured it`: records of appended runs follow each other, each run's
+    JAX part opening with a `device` record."""
+    run, out = 0, {}
+    for r in records:
+        run += r["kind"] == "device" and r.get("part") == "jax"
+        out[id(r)] = run
+    return out
+
+
 def _base_of(records):
     """`(record id) -> its base decode record`: the base (or base-packed, for packed variants) of the same shape and
-    batch measured by the same command (records of appended runs follow each other, each run's JAX part opening
-    with a `device` record), else the latest one."""
-    run, runs, latest, run_of = 0, {}, {}, {}
+    batch measured by the same command, else the latest one."""
+    run_of, runs, latest = _run_of(records), {}, {}
     for r in records:
-        if r["kind"] == "device" and r.get("part") == "jax":
-            run += 1
         if r["kind"] == "decode" and "error" not in r and r["variant"] in ("base", "base-packed"):
-            runs[(run, r["shape"], r["variant"], r["batch"])] = latest[(r["shape"], r["variant"], r["batch"])] = r
-        run_of[id(r)] = run
+            key = (r["shape"], r["variant"], r["batch"])
+            runs[(run_of[id(r)], *key)] = latest[key] = r
 
     def base(r):
         v = "base-packed" if r["variant"].startswith("packed") else "base"
@@ -472,15 +479,12 @@ def targets(records):
         best = max(met, key=met.get)
         out.append(f"- {sh}, batch 1: MeteoRA >= 120 tokens/s (decode loop): best {best} {met[best]:.1f}: "
                    f"**{'met' if met[best] >= 120 else 'NOT met'}**")
-    run_of, run = {}, 0  # ours against transformers measured by the same command where it measured both
-    for r in records:
-        run += r["kind"] == "device" and r.get("part") == "jax"
-        run_of[id(r)] = run
+    run_of = _run_of(records)  # ours against transformers measured by the same command where it measured both
     for sh2 in dict.fromkeys(k[0] for k in gen):
+        mine = [o for o in records if o["kind"] == "generate" and "error" not in o and o["shape"] == sh2
+                and not o["variant"].startswith("base")]
         for ref, factor in (("peft-static", 1.0), ("peft-dynamic", 10.0)):
             r = gen.get((sh2, ref))
-            mine = [o for o in records if o["kind"] == "generate" and "error" not in o and o["shape"] == sh2
-                    and not o["variant"].startswith("base")]
             same = [o for o in mine if r and run_of[id(o)] == run_of[id(r)]]
             ours = {o["variant"]: o["tokens_per_s"] for o in (same or mine)}  # the later record of a variant wins
             if not ours:
