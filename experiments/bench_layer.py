@@ -48,23 +48,24 @@ TOKENS = (1, 16, 64, 256, 1024, 4096, 16384)
 DT = jnp.bfloat16
 
 
-def make_layers(t: int, seed: int = 0):
-    """Per layer: W [D, DOUT], A [E, D, R], B [E, R, DOUT], s [E], experts [t, K], weights [t, K]; x [t, D]."""
+def make_layers(t: int, seed: int = 0, *, d=D, dout=DOUT, e=E, r=R, k=K, layers=LAYERS):
+    """Per layer: W [d, dout], A [e, d, r], B [e, r, dout], s [e], experts [t, k], weights [t, k]; x [t, d]
+    (the benchmark's sizes unless given)."""
     rng = np.random.default_rng(seed)
-    layers = []
-    for _ in range(LAYERS):
-        logits = rng.standard_normal((t, E))
-        idx = np.argsort(-logits, axis=1)[:, :K]
+    out = []
+    for _ in range(layers):
+        logits = rng.standard_normal((t, e))
+        idx = np.argsort(-logits, axis=1)[:, :k]
         top = np.take_along_axis(logits, idx, 1)
         w = np.exp(top - top.max(1, keepdims=True))
-        layers.append(dict(
-            W=rng.standard_normal((D, DOUT), np.float32) / D ** 0.5,
-            A=rng.standard_normal((E, D, R), np.float32) / D ** 0.5,
-            B=rng.standard_normal((E, R, DOUT), np.float32) / R ** 0.5,
-            s=rng.uniform(0.5, 2.0, E).astype(np.float32),
+        out.append(dict(
+            W=rng.standard_normal((d, dout), np.float32) / d ** 0.5,
+            A=rng.standard_normal((e, d, r), np.float32) / d ** 0.5,
+            B=rng.standard_normal((e, r, dout), np.float32) / r ** 0.5,
+            s=rng.uniform(0.5, 2.0, e).astype(np.float32),
             e=idx.astype(np.int32), w=(w / w.sum(1, keepdims=True)).astype(np.float32)))
-    x = rng.standard_normal((t, D), np.float32)
-    return layers, x
+    x = rng.standard_normal((t, d), np.float32)
+    return out, x
 
 
 def jax_strategy(name: str, block_sizes=None):
@@ -95,12 +96,13 @@ def jax_layer(name: str, block_sizes=None):
     return lambda x, p: x @ p["W"] + fn(x, p["A"], p["B"], p["s"], p["e"], p["w"])
 
 
-def to_jax(layers, x):
-    cast = lambda k, v: jnp.asarray(v, DT if k in "WAB" else v.dtype)
+def to_jax(layers, x, dtype=DT):
+    """`make_layers`' arrays as JAX arrays: W, A, B and x in `dtype`, plus W^T."""
+    cast = lambda k, v: jnp.asarray(v, dtype if k in "WAB" else v.dtype)
     params = [{k: cast(k, v) for k, v in p.items()} for p in layers]
     for p in params:  # W^T, stored (not transposed inside the timed program), for base-t and fused-gemv
         p["WT"] = jnp.asarray(np.ascontiguousarray(np.asarray(p["W"]).T))
-    return params, jnp.asarray(x, DT)
+    return params, jnp.asarray(x, dtype)
 
 
 def time_call(f, *args, inner=5, repeats=7):
@@ -162,18 +164,21 @@ def bench_jax_train(name, params, x, block_sizes=None):
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def torch_layers(layers, x):
+def torch_layers(layers, x, device="cuda", dtype="bfloat16"):
+    """`make_layers`' arrays as torch tensors on `device`: W, A, B and x in `dtype`, plus each token's routing
+    coefficient per expert (`coef` [T, E], weight x scaling, 0 where unpicked) for loop-original."""
     import torch
-    dev = "cuda"
+    dt = getattr(torch, dtype)
     tl = []
     for p in layers:
-        q = {k: torch.tensor(v, device=dev) for k, v in p.items()}
+        q = {k: torch.tensor(v, device=device) for k, v in p.items()}
         for k in "WAB":
-            q[k] = q[k].to(torch.bfloat16)
+            q[k] = q[k].to(dt)
         q["e"] = q["e"].long()
-        q["coef"] = torch.zeros(x.shape[0], E, device=dev).scatter_add_(1, q["e"], q["w"]) * q["s"]
+        n_exp = q["A"].shape[0]
+        q["coef"] = torch.zeros(x.shape[0], n_exp, device=device).scatter_add_(1, q["e"], q["w"]) * q["s"]
         tl.append(q)
-    return tl, torch.tensor(x, device=dev).to(torch.bfloat16)
+    return tl, torch.tensor(x, device=device).to(dt)
 
 
 def torch_layer(name):
@@ -188,7 +193,7 @@ def torch_layer(name):
     def loop_original(x, p):  # every expert on every token, weighted by its routing coefficient (0 if unpicked)
         y = x @ p["W"]
         coef = p["coef"].to(x.dtype)
-        for i in range(E):
+        for i in range(p["A"].shape[0]):
             y = y + coef[:, i:i + 1] * ((x @ p["A"][i]) @ p["B"][i])
         return y
 

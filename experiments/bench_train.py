@@ -30,14 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import SHAPES  # noqa: E402  (the model shapes every benchmark shares)
 
 
 def bench_ours(shape, args, strategy):
@@ -82,6 +76,27 @@ def bench_ours(shape, args, strategy):
             "peak_bytes": stats.get("peak_bytes_in_use"), "program_bytes": program, "loss": float(m["loss"])}
 
 
+def moe_lora_bmm(x, base, gate, a, b, scaling, top_k, temperature):
+    """The reference's accelerated MoE-LoRA forward in torch (the paper's bmm-torch): per token, the top-k of the
+    gate logits, softmax(logits / T) over them (weight 1 for k = 1) times the expert's scaling, and the picked
+    experts' A [E, in, r] and B [E, r, out] gathered and applied with bmm. Returns (y, gate logits [N, E])."""
+    import torch
+    import torch.nn.functional as F
+
+    y = base(x)
+    xf = x.reshape(-1, x.shape[-1])
+    logits = gate(xf)
+    w, idx = torch.topk(logits, top_k, dim=-1)
+    w = F.softmax(w.float() / temperature, dim=-1).to(x.dtype) if top_k > 1 else torch.ones_like(w)
+    w = w * scaling[idx].to(x.dtype)
+    r = a.shape[-1]
+    h = torch.bmm(xf.unsqueeze(1).expand(-1, top_k, -1).reshape(-1, 1, xf.shape[-1]),
+                  a[idx].reshape(-1, xf.shape[-1], r))  # [N*k, 1, r]
+    d = torch.bmm(h, b[idx].reshape(-1, r, b.shape[-1]))  # [N*k, 1, out]
+    d = (d.reshape(xf.shape[0], top_k, -1) * w.unsqueeze(-1)).sum(1)
+    return y + d.reshape(*x.shape[:-1], -1), logits
+
+
 def bench_torch(shape, args):
     import torch
     import torch.nn.functional as F
@@ -106,18 +121,9 @@ def bench_torch(shape, args):
             self.s = torch.full((e,), 2.0, device=dev)
 
         def forward(self, x):
-            y = self.base(x)
-            xf = x.reshape(-1, x.shape[-1])
-            logits = self.gate(xf)
+            y, logits = moe_lora_bmm(x, self.base, self.gate, self.a, self.b, self.s, args.top_k, args.temperature)
             gate_logits.append(logits)
-            w, idx = torch.topk(logits, args.top_k, dim=-1)
-            w = F.softmax(w.float() / args.temperature, dim=-1).to(x.dtype) if args.top_k > 1 else torch.ones_like(w)
-            w = w * self.s[idx].to(x.dtype)
-            h = torch.bmm(xf.unsqueeze(1).expand(-1, args.top_k, -1).reshape(-1, 1, xf.shape[-1]),
-                          self.a[idx].reshape(-1, xf.shape[-1], args.rank))  # [N*k, 1, r]
-            d = torch.bmm(h, self.b[idx].reshape(-1, args.rank, self.b.shape[-1]))  # [N*k, 1, out]
-            d = (d.reshape(xf.shape[0], args.top_k, -1) * w.unsqueeze(-1)).sum(1)
-            return y + d.reshape(*x.shape[:-1], -1)
+            return y
 
     for layer in hf.model.layers:
         for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
@@ -157,7 +163,7 @@ def bench_torch(shape, args):
     sec = float(np.median(times))
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     return {"impl": "torch-bmm (reference)", "step_s": sec, "tokens_per_s": b * t / sec, "peak_bytes": peak,
-            "loss": float(loss)}
+            "loss": float(loss.detach())}
 
 
 def main(argv=None):
@@ -196,7 +202,7 @@ def main(argv=None):
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        _write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
         lines = [f"# Training throughput ({args.shapes} shapes, E={args.experts}, r={args.rank}, k={args.top_k}, "
                  f"batch {args.batch} x {args.seq}, bf16)", "", f"Device: {result['device']}. "
                  f"Command: `{result['command']}`", "",
@@ -214,7 +220,15 @@ def main(argv=None):
                   "first, in order, so later rows include earlier ones' leftovers; the torch row is torch's own "
                   "allocator). Program: XLA's memory analysis of our compiled step (arguments + outputs + temporaries "
                   "- donated aliases)."]
-        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        _write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    return result
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` through a temporary file and a rename (a run cut off leaves the old file whole)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
