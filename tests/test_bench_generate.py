@@ -1,7 +1,8 @@
 """experiments/bench_generate.py end to end on the CPU with the tiny shape: every JAX part it times (the decode loop
 `generate` compiles, end-to-end `generate`, prefill) runs without error for the base, a strategy and a packed
 variant, and the report has their rows. The benchmark records a failing part instead of stopping, so this is what
-catches it drifting from `meteora_jax.generate`'s programs."""
+catches it drifting from `meteora_jax.generate`'s programs. The transformers + PEFT part runs on the tiny shape
+too."""
 
 from __future__ import annotations
 
@@ -32,6 +33,23 @@ def test_jax_part_runs_every_variant(tmp_path):
         assert {r["variant"] for r in records if r["kind"] == kind} == {"base", "base-packed", "dense", "packed"}
     md = out.with_suffix(".md").read_text()
     assert "| tiny | packed |" in md and "| tiny | dense |" in md
+
+
+def test_torch_part_runs_every_variant(tmp_path):
+    """The transformers + PEFT part: `generate` with and without the LoRA, dynamic and static cache, each timed
+    without error and producing the tokens asked for (the part asserts the output length)."""
+    out = tmp_path / "gen"
+    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--shapes", "tiny", "--rank", "2", "--prompt", "8",
+           "--steps", "3", "--eager-steps", "2", "--repeats", "1", "--parts", "torch", "--budget", "600"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    gen = {r["variant"]: r for r in records if r["kind"] == "hf_generate"}
+    assert set(gen) == {"peft-dynamic", "peft-static", "hf-base-dynamic", "hf-base-static"}, records
+    for variant, r in gen.items():
+        assert "error" not in r, r
+        assert r["new"] == (3 if variant.endswith("static") else 2)
+        assert r["tokens_per_s"] == r["new"] / r["seconds"]
 
 
 def test_end_to_end_targets_compare_within_one_run():
