@@ -1,0 +1,85 @@
+"""experiments/probe_expand.py on the CPU: its groups and z layout are the packed model's (mode `extended`), its own
+Pallas kernels compute what they claim (interpret mode), the chain keeps every call and its results, and a run
+writes a record for every group and variant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probe():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    sys.path.insert(0, str(ROOT))
+    from experiments import probe_expand
+
+    return probe_expand
+
+
+@pytest.mark.parametrize("shape", ("tiny", "smollm2"))
+def test_groups_and_z_layout_are_the_packed_models(probe, shape):
+    from flax import nnx
+
+    from meteora_jax.config import LlamaConfig
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama
+    from meteora_jax.packed import pack_projections
+
+    dims = dict(probe.SHAPES[shape], num_hidden_layers=1, vocab_size=64)
+    cfg = LlamaConfig(**dims, dtype="bfloat16", param_dtype="bfloat16")
+    e, r = 5, 3
+    model = pack_projections(MeteoraLlama(cfg, MeteoraConfig(tuple(f"e{i}" for i in range(e)), r),
+                                          rngs=nnx.Rngs(0)), mode="extended")
+    layer = model.layers[0]
+    packed = {"qkv": layer.self_attn.packed_qkv, "o": layer.self_attn.packed_o,
+              "gate_up": layer.mlp.packed_gate_up, "down": layer.mlp.packed_down}
+    want = probe.groups(probe.SHAPES[shape])
+    assert list(want) == list(packed)
+    for name, proj in packed.items():
+        assert proj.spans == want[name], name
+        assert proj.gate_parts == 2  # bf16: the f32 gate as hi + lo
+        ld = sum(s for _, s in want[name])
+        assert proj.kernel.shape[1] == probe.ldz_of(ld, len(want[name]), e, r), name
+
+
+def test_probe_kernels_and_chain(probe):
+    rng = np.random.default_rng()
+    n, ld = 3, 200
+    zs = [jnp.asarray(rng.standard_normal((n, 328)), jnp.float32) for _ in range(4)]
+    copy = probe.pallas_copy(zs[0], ld, 64, 4, interpret=True)
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(zs[0][:, :ld].astype(jnp.bfloat16)))
+    assert float(probe.pallas_empty(zs[1], interpret=True)[0]) == float(zs[1][0, 0])
+    fn = lambda z: z[:, :ld].astype(jnp.bfloat16) * 2  # noqa: E731
+    chain = jax.jit(probe.chain_fn(fn))
+    outs = chain(zs)
+    assert len(outs) == len(zs)
+    for got, z in zip(outs, zs, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(fn(z)))
+    assert chain.lower(zs).as_text().count("optimization_barrier") == len(zs) - 1
+
+
+def test_run_writes_every_group_and_variant(probe, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["probe_expand.py"])
+    out = tmp_path / "probe"
+    result = probe.main(["--shape", "tiny", "--launches", "2", "--repeats", "1", "--experts", "4", "--rank", "2",
+                         "--out", str(out)])
+    recs = result["records"]
+    assert [(r["group"], r["variant"]) for r in recs] == [(g, v) for g in ("qkv", "o", "gate_up", "down")
+                                                        for v in probe.VARIANTS]
+    for r in recs:
+        assert "error" not in r, r
+        assert r["us_per_launch"] > 0 and r["launches"] == 2
+    assert json.loads(out.with_suffix(".json").read_text()) == json.loads(json.dumps(result))
+    md = out.with_suffix(".md").read_text()
+    for g in ("qkv", "o", "gate_up", "down"):
+        assert f"| {g} |" in md
+    with pytest.raises(SystemExit):
+        probe.main(["--variants", "xla-copy,nope"])
