@@ -4,9 +4,8 @@ prompt format, references, seeded splits, subtasks, composites, and errors. Need
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from _helpers_reproduce import load_script
+from _helpers_reproduce import load_script, make_source, write_json
 
 from meteora_jax import data as data_lib
 from meteora_jax import evaluate
@@ -15,34 +14,6 @@ bb = load_script("bigbench_tasks")
 
 PRESETS = {"pick": bb.Preset(), "count": bb.Preset(accuracy="exact_ci"),
            "say": bb.Preset(accuracy="first_word", text_metrics=True, primary="rougeL")}
-
-
-def _write(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-
-
-def make_source(root: Path, n: int = 24, seed: int = 0) -> Path:
-    """Three tasks: `pick` (multiple choice, own prefixes), `count` (generative, two subtasks with their own
-    prefixes, list targets), `say` (BIG-bench default prefixes, a free-text target beside target_scores)."""
-    rng = np.random.default_rng(seed)
-    src = root / "src"
-    colours = ["red", "green", "blue", "black"]
-    pick = [{"input": f"The {i}th ball is {c}. Which colour?",
-             "target_scores": {x: int(x == c) for x in colours}}
-            for i, c in enumerate(rng.choice(colours, size=n))]
-    _write(src / "pick" / "task.json", {"name": "pick", "task_prefix": "Colours.\n", "example_input_prefix": "\nBall: ",
-                                        "example_output_prefix": "\nColour: ", "examples": pick})
-    _write(src / "count" / "task.json", {"name": "count", "description": "no examples here"})
-    for sub, word in (("apples", "apple"), ("pears", "pear")):
-        ex = [{"input": f"{k} {word}s and {j} {word}s?", "target": [str(k + j), f"{k + j} {word}s"]}
-              for k, j in rng.integers(1, 50, size=(n, 2))]
-        _write(src / "count" / sub / "task.json", {"example_input_prefix": f"{sub}: ", "example_output_prefix": " =",
-                                                   "examples": ex})
-    say = [{"input": f"Is {i} even?", "target_scores": {"Yes": int(i % 2 == 0), "No": int(i % 2)},
-            "target": f"{'Yes' if i % 2 == 0 else 'No'}.  Because   {i} mod 2 is {i % 2}."} for i in range(n)]
-    _write(src / "say" / "task.json", {"examples": say})
-    return src
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +122,13 @@ def test_errors_name_the_file(tmp_path):
         bb.build(src, tmp_path / "a", ["unknown"], 5, 2, 1, 0, 1000, [])
     bad = json.loads((src / "say" / "task.json").read_text())
     bad["examples"][3] = {"input": "no target"}
-    _write(src / "say" / "task.json", bad)
+    write_json(src / "say" / "task.json", bad)
     with pytest.raises(bb.TaskDataError, match=r"say/task.json: example 3: .*neither 'target' nor 'target_scores'"):
         bb.build(src, tmp_path / "a", ["say"], 5, 2, 1, 0, 1000, [], presets=PRESETS)
     (src / "pick" / "task.json").write_text("{broken")
     with pytest.raises(bb.TaskDataError, match=r"pick/task.json: not valid JSON"):
         bb.build(src, tmp_path / "a", ["pick"], 5, 2, 1, 0, 1000, [], presets=PRESETS)
-    _write(src / "count" / "pears" / "task.json", {"examples": [{"input": "x", "target_scores": {"a": 1, "b": 0}}]})
+    write_json(src / "count" / "pears" / "task.json", {"examples": [{"input": "x", "target_scores": {"a": 1, "b": 0}}]})
     with pytest.raises(bb.TaskDataError, match="mixes multiple-choice and generative"):
         bb.build(src, tmp_path / "a", ["count"], 5, 2, 1, 0, 1000, [], presets=PRESETS)
     with pytest.raises(bb.TaskDataError, match=r"subtask\(s\) \['plums'\] not found"):

@@ -1,9 +1,11 @@
-"""experiments/reproduce/pipeline.py: the evaluation commands it builds (--dry-run prints them, runs nothing)."""
+"""experiments/reproduce/pipeline.py: the evaluation commands it builds (--dry-run prints them, runs nothing), and
+one whole toy run of the plumbing on the CPU."""
 
+import json
 import shlex
 
 import pytest
-from _helpers_reproduce import load_script
+from _helpers_reproduce import load_script, make_source
 
 pipeline = load_script("pipeline")
 
@@ -60,3 +62,36 @@ def test_gate_tag_and_composite_mix_reach_train_and_evaluate(work, capsys):
     assert top1[top1.index("--eos-token-id") + 1] == "1" and top1[top1.index("--top-k") + 1] == "1"
     with pytest.raises(SystemExit, match="--gate-tag must be letters"):
         pipeline.main(["--work", str(work), "--dry-run", "--stages", "gates", "--gate-tag", "a/b"])
+
+
+@pytest.mark.slow
+def test_toy_run_of_every_training_stage_and_the_report(tmp_path):
+    """BIG-bench-style tasks written here (no bigbench package), a random 2-layer base with SmolLM2's tokenizer,
+    --tiny sizes: PEFT LoRAs and LoRA-B trained in PyTorch, converted, gates trained, the PEFT cross-check, two
+    evaluations and the report. Catches any stage drifting from the commands it calls."""
+    bb = load_script("bigbench_tasks")
+    src = make_source(tmp_path)
+    presets = {"pick": bb.Preset(), "count": bb.Preset(accuracy="exact_ci"),
+               "say": bb.Preset(accuracy="first_word", text_metrics=True, primary="rougeL")}
+    bb.build(src, tmp_path / "data", ["pick", "count", "say"], n_train=10, n_test=4, n_composite=3, seed=1,
+             max_prompt_chars=1000, composite_sizes=[2], presets=presets)
+    work = tmp_path / "work"
+    stages = "data,base,loras,lora_b,convert,gates,check,eval_oracle,eval_top1,report"
+    assert pipeline.main(["--work", str(work), "--tiny", "--base", "random-tiny", "--data-from",
+                          str(tmp_path / "data"), "--tasks", "pick", "count", "say", "--stages", stages]) == 0
+    ran = [json.loads(line) for line in (work / "commands.jsonl").read_text().splitlines()]
+    assert all(r["rc"] == 0 for r in ran), ran
+    assert set(stages.split(",")) - {"base"} == {r["stage"] for r in ran}  # the base is built in this process
+    assert (work / "base" / "config.json").exists()
+    assert {p.name for p in (work / "adapters").iterdir()} == {"pick", "count", "say"}
+    check = json.loads((work / "results" / "crosscheck.json").read_text())
+    assert check["ok"] and all(p["logits_rel_err"] < 1e-4 for p in check["prompts"]), check
+    for name in ("oracle", "meteora_top1"):
+        res = json.loads((work / "results" / f"{name}.json").read_text())
+        assert set(res["tasks"]) == {"pick", "count", "say"} and all(t["n"] == 2 for t in res["tasks"].values())
+        assert set(res["composite"]) == {"composite_2"}
+    top1 = json.loads((work / "results" / "meteora_top1.json").read_text())
+    assert top1["model"]["meteora"]["expert_names"] == ["pick", "count", "say"]
+    assert 0 <= top1["routing"]["dominant"]["overall"] <= 1
+    report = (work / "results" / "REPRODUCTION.md").read_text()
+    assert "TOY RUN" in report and all(f"| {t} |" in report for t in ("pick", "count", "say"))
