@@ -83,3 +83,17 @@ def test_run_writes_every_group_and_variant(probe, tmp_path, monkeypatch):
         assert f"| {g} |" in md
     with pytest.raises(SystemExit):
         probe.main(["--variants", "xla-copy,nope"])
+
+
+def test_probe_kernels_lower_to_triton(probe):
+    """The probe's own kernels go through the Triton lowering (what a GPU run compiles), checked here on the CPU."""
+    spans = probe.groups(probe.SHAPES["smollm2"])["gate_up"]
+    zs, b, scaling = probe.group_inputs(spans, 1, 1, e=28, r=8, seed=0)
+    z = jax.ShapeDtypeStruct(zs[0].shape, zs[0].dtype)
+    kernels = {"pallas-empty": "probe_empty", "pallas-copy": "probe_copy", "expand-forced": "meteora_routed_expand_z",
+               "expand-topk": "meteora_routed_expand_z"}
+    assert set(kernels) == set(probe.VARIANTS) - {"xla-copy"}
+    for name, kernel in kernels.items():
+        fn = probe.variant_fn(name, spans, b, scaling, k=2, interpret=False)
+        text = jax.jit(fn).trace(z).lower(lowering_platforms=("cuda",)).as_text()
+        assert f'name = "{kernel}"' in text, name
