@@ -342,19 +342,23 @@ def _short(rec):
     return " ".join(f"{k}={rec[k]:.4g}" if isinstance(rec.get(k), float) else f"{k}={rec[k]}" for k in keys if k in rec)
 
 
-def _write(args, records, log, start):
-    out = Path(args.out)
+def write_outputs(out: Path, texts: dict[str, str]) -> None:
+    """OUT with each suffix of `texts` (".json", ".md"), each written through a temporary file and a rename (a
+    run cut off leaves the earlier files whole). The benchmarks and probes share it."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in texts.items():
+        tmp = out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out.with_suffix(suffix))
+
+
+def _write(args, records, log, start):
     meta = {"command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]), "earlier": getattr(args, "earlier", []),
             "host": platform.node(),
             "elapsed_s": time.time() - start,
             "args": {k: v for k, v in vars(args).items() if k not in ("part", "deadline", "earlier")}}
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(render_md(meta, records))
-    os.replace(tmp, out.with_suffix(".md"))
+    write_outputs(Path(args.out), {".json": json.dumps({"meta": meta, "records": records}, indent=1),
+                                   ".md": render_md(meta, records)})
 
 
 def _fmt(x, digits=1):

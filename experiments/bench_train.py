@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES  # noqa: E402  (the model shapes every benchmark shares)
+from bench_generate import SHAPES, write_outputs  # noqa: E402  (the model shapes every benchmark shares)
 
 
 def bench_ours(shape, args, strategy):
@@ -200,9 +200,6 @@ def main(argv=None):
               "host": platform.node(), "args": vars(args), "rows": rows}
     print(json.dumps(result, indent=1))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
         lines = [f"# Training throughput ({args.shapes} shapes, E={args.experts}, r={args.rank}, k={args.top_k}, "
                  f"batch {args.batch} x {args.seq}, bf16)", "", f"Device: {result['device']}. "
                  f"Command: `{result['command']}`", "",
@@ -220,15 +217,8 @@ def main(argv=None):
                   "first, in order, so later rows include earlier ones' leftovers; the torch row is torch's own "
                   "allocator). Program: XLA's memory analysis of our compiled step (arguments + outputs + temporaries "
                   "- donated aliases)."]
-        _write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+        write_outputs(Path(args.out), {".json": json.dumps(result, indent=1), ".md": "\n".join(lines) + "\n"})
     return result
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename (a run cut off leaves the old file whole)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

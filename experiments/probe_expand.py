@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_generate import SHAPES  # noqa: E402
+from bench_generate import SHAPES, write_outputs  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
@@ -207,12 +206,7 @@ def main(argv=None):
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "host": platform.node(),
               "args": vars(args), "records": run(args)}
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", render(result))):
-            tmp = out.with_suffix(suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, out.with_suffix(suffix))
+        write_outputs(Path(args.out), {".json": json.dumps(result, indent=1), ".md": render(result)})
     return result
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES, _err, _time_decode  # noqa: E402
+from bench_generate import SHAPES, _err, _time_decode, write_outputs  # noqa: E402
 
 CONFIGS = (
     {},
@@ -106,13 +105,8 @@ def main(argv=None) -> int:
                     mp.set_default_block_sizes(None)
             records.append(rec)
             print(json.dumps(rec), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps({"meta": meta, "records": records}, indent=1)),
-                         (".md", render_md(meta, records))):
-        tmp = out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out.with_suffix(suffix))
+    write_outputs(Path(args.out), {".json": json.dumps({"meta": meta, "records": records}, indent=1),
+                                   ".md": render_md(meta, records)})
     return 0
 
 

@@ -22,6 +22,13 @@ def load_script(name: str):
     return module
 
 
+def source_presets() -> dict:
+    """bigbench_tasks presets for `make_source`'s three tasks."""
+    bb = load_script("bigbench_tasks")
+    return {"pick": bb.Preset(), "count": bb.Preset(accuracy="exact_ci"),
+            "say": bb.Preset(accuracy="first_word", text_metrics=True, primary="rougeL")}
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))

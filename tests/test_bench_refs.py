@@ -91,7 +91,6 @@ def test_bench_layer_routing_is_a_top_k_softmax(bench_layer):
 
 @pytest.fixture(scope="module")
 def bench_train():
-    sys.path.insert(0, str(ROOT / "experiments"))
     sys.path.insert(0, str(ROOT))
     from experiments import bench_train as mod
 

@@ -5,15 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
-from _helpers_reproduce import load_script, make_source, write_json
+from _helpers_reproduce import load_script, make_source, source_presets, write_json
 
 from meteora_jax import data as data_lib
 from meteora_jax import evaluate
 
 bb = load_script("bigbench_tasks")
 
-PRESETS = {"pick": bb.Preset(), "count": bb.Preset(accuracy="exact_ci"),
-           "say": bb.Preset(accuracy="first_word", text_metrics=True, primary="rougeL")}
+PRESETS = source_presets()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import shlex
 
 import pytest
-from _helpers_reproduce import load_script, make_source
+from _helpers_reproduce import load_script, make_source, source_presets
 
 pipeline = load_script("pipeline")
 
@@ -71,10 +71,8 @@ def test_toy_run_of_every_training_stage_and_the_report(tmp_path):
     evaluations and the report. Catches any stage drifting from the commands it calls."""
     bb = load_script("bigbench_tasks")
     src = make_source(tmp_path)
-    presets = {"pick": bb.Preset(), "count": bb.Preset(accuracy="exact_ci"),
-               "say": bb.Preset(accuracy="first_word", text_metrics=True, primary="rougeL")}
     bb.build(src, tmp_path / "data", ["pick", "count", "say"], n_train=10, n_test=4, n_composite=3, seed=1,
-             max_prompt_chars=1000, composite_sizes=[2], presets=presets)
+             max_prompt_chars=1000, composite_sizes=[2], presets=source_presets())
     work = tmp_path / "work"
     stages = "data,base,loras,lora_b,convert,gates,check,eval_oracle,eval_top1,report"
     assert pipeline.main(["--work", str(work), "--tiny", "--base", "random-tiny", "--data-from",

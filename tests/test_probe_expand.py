@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, str(ROOT / "experiments"))
     sys.path.insert(0, str(ROOT))
     from experiments import probe_expand
 
