@@ -745,28 +745,16 @@ def _routed_expand_kernel(*refs, spec, has_y, **kw):
                  **kw)
 
 
-def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None):
-    """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
-    the logits and P come from its columns, and without y_ref the base output too. `pre(cols, omask)`, if given,
-    runs first and returns (the f32 base tile [bm, bn] of these columns, an int32 0 that orders every later load
-    of buf after it): the base output then comes from it (`meteora_gemv_expand`)."""
-    given, has_y = spec is None, y_ref is not None
+def _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmask, after, *, n, mem: Members, k,
+                 bm, ep, cp, gc, spec, dtype, interpret, zl):
+    """Member j's part of an expand program (`j` static or traced): its tokens' routing (from the logits in buf,
+    given in e_ref / w_ref, or the forced expert) and the operands of its adapter term on output columns `cols`:
+    (h [bm, cp] = coef * P in `dtype`, B's tile [cp, bn] (only the picked experts' rows read), experts, weights)."""
+    given = spec is None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
     c, er = m * e * r, e * r
-    starts = mem.tile_starts(bn)
-    j, first_tile, off, end = 0, starts[0], mem.spans[0][0], sum(mem.spans[0])
-    for jj in range(1, m):  # which member this program serves (static table; arithmetic, no scalar selects)
-        here = (pid >= starts[jj]).astype(jnp.int32)
-        j = j + here
-        first_tile = first_tile + here * (starts[jj] - starts[jj - 1])
-        off = off + here * (mem.spans[jj][0] - mem.spans[jj - 1][0])
-        end = end + here * (sum(mem.spans[jj]) - sum(mem.spans[jj - 1]))
-    rows, ecols, ccols = _iota(bm), _iota(ep), _iota(cp)
-    cols = off + (pid - first_tile) * bn + _iota(bn)
-    rmask, emask, cmask, omask = rows < n, ecols < e, ccols < er, cols < end
-    base, after = pre(cols, omask) if pre is not None else (None, 0)
-
+    ecols, ccols = _iota(ep), _iota(cp)
+    emask, cmask = ecols < e, ccols < er
     if zl is None:  # buf: [N * gc] logits, then [N, c] P
         lg_off = lambda part: rows[:, None] * gc + j * e + ecols[None, :] + after  # noqa: E731
         p_off = n * gc + rows[:, None] * c + j * er + ccols[None, :] + after
@@ -793,6 +781,39 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of B to read
     h = (coef * p).astype(dtype)
     bw = _load(b_ref, ccols[:, None] * ld + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
+    return h, bw, idx, wts
+
+
+def _store_routing(ex_ref, wt_ref, j, idx, wts, rows, rmask, first, *, m, k, interpret):
+    """Member j's experts and weights of the block's tokens into [N, m, k] (where `first`: one program each)."""
+    for jj in range(k):
+        _store(ex_ref, rows * (m * k) + j * k + jj, idx[jj], rmask & first, interpret)
+        _store(wt_ref, rows * (m * k) + j * k + jj, wts[jj], rmask & first, interpret)
+
+
+def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
+                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None):
+    """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
+    the logits and P come from its columns, and without y_ref the base output too. `pre(cols, omask)`, if given,
+    runs first and returns (the f32 base tile [bm, bn] of these columns, an int32 0 that orders every later load
+    of buf after it): the base output then comes from it (`meteora_gemv_expand`)."""
+    given, has_y = spec is None, y_ref is not None
+    m, ld = mem.m, mem.ld
+    starts = mem.tile_starts(bn)
+    j, first_tile, off, end = 0, starts[0], mem.spans[0][0], sum(mem.spans[0])
+    for jj in range(1, m):  # which member this program serves (static table; arithmetic, no scalar selects)
+        here = (pid >= starts[jj]).astype(jnp.int32)
+        j = j + here
+        first_tile = first_tile + here * (starts[jj] - starts[jj - 1])
+        off = off + here * (mem.spans[jj][0] - mem.spans[jj - 1][0])
+        end = end + here * (sum(mem.spans[jj]) - sum(mem.spans[jj - 1]))
+    rows = _iota(bm)
+    cols = off + (pid - first_tile) * bn + _iota(bn)
+    rmask, omask = rows < n, cols < end
+    base, after = pre(cols, omask) if pre is not None else (None, 0)
+    h, bw, idx, wts = _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmask, after, n=n,
+                                   mem=mem, k=k, bm=bm, ep=ep, cp=cp, gc=gc, spec=spec, dtype=dtype,
+                                   interpret=interpret, zl=zl)
     omask2 = rmask[:, None] & omask[None, :]
     yoff = rows[:, None] * ld + cols[None, :]
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
@@ -809,10 +830,28 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
             delta = (yv.astype(jnp.float32) + delta.astype(jnp.float32)).astype(out_ref.dtype)
     _store(out_ref, yoff, delta, omask2, interpret)
     if not given:  # the routing of member j, once (its first program)
-        first = pid == first_tile
-        for jj in range(k):
-            _store(ex_ref, rows * (m * k) + j * k + jj, idx[jj], rmask & first, interpret)
-            _store(wt_ref, rows * (m * k) + j * k + jj, wts[jj], rmask & first, interpret)
+        _store_routing(ex_ref, wt_ref, j, idx, wts, rows, rmask, pid == first_tile, m=m, k=k, interpret=interpret)
+
+
+def _routed_glu_kernel(buf_ref, b_ref, s_ref, out_ref, ex_ref, wt_ref, *, n, mem: Members, k, bm, bn, ep, cp, gc,
+                       spec, dtype, interpret, zl):
+    """`meteora_routed_expand(glu=True)`: program i serves columns [i*bn, (i+1)*bn) of both members (gate: member 0,
+    up: member 1, each `half` columns): y_j = base_j + delta_j (f32, from z) for both, then silu(y_0) * y_1 rounded
+    once. Program 0 writes both members' routing."""
+    pid = pl.program_id(0)
+    half = mem.spans[1][0]
+    rows, cols = _iota(bm), pid * bn + _iota(bn)
+    rmask, omask = rows < n, cols < half
+    kw = dict(n=n, mem=mem, k=k, bm=bm, ep=ep, cp=cp, gc=gc, spec=spec, dtype=dtype, interpret=interpret, zl=zl)
+    terms = [_member_term(buf_ref, None, None, b_ref, s_ref, j, cols + j * half, omask, rows, rmask, 0, **kw)
+             for j in range(2)]
+    omask2 = rmask[:, None] & omask[None, :]
+    gate, up = (_load(buf_ref, rows[:, None] * zl[0] + j * half + cols[None, :], omask2, interpret)
+                + _dot(h, bw.astype(dtype)) for j, (h, bw, _, _) in enumerate(terms))
+    act = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, f32
+    _store(out_ref, rows[:, None] * half + cols[None, :], act.astype(out_ref.dtype), omask2, interpret)
+    for j, (_, _, idx, wts) in enumerate(terms):
+        _store_routing(ex_ref, wt_ref, j, idx, wts, rows, rmask, pid == 0, m=2, k=k, interpret=interpret)
 
 
 def routed_tiles(bs: BlockSizes, n: int, d: int) -> tuple[int, int, int, int]:
@@ -1262,7 +1301,7 @@ def _check_spans(who: str, spans, ld: int, cover: str | None) -> None:
 
 def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: int, temperature: float = 1.0,
                           routing: str = "topk_softmax", forced_expert: int | None = None, y=None, out_dtype=None,
-                          block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                          glu: bool = False, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
     """The routed expand alone, for packed members whose base product, gate logits and shrink came from one
     product (`meteora_jax.packed`, mode "extended"): z = x @ [W | G_1 .. G_parts | A | padding] in f32, [N, ldz]
     with ldz = ld + parts*m*E + m*E*r plus padding columns (ignored; aligned rows make the product faster),
@@ -1272,7 +1311,11 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     and writes y = base + delta (f32, rounded once to `out_dtype`, default b's dtype). b [E*r, ld] and scaling
     [m, E] as in `meteora_routed_packed`. The spans must cover all ld columns, unless `y` [N, ld] (the base output;
     its buffer is reused) is given: then its columns outside every span stay as they are, and z's W part is not
-    read. Forward only. Returns (y, logits [N, m, E] f32, experts [N, m, k] int32, weights [N, m, k] f32)."""
+    read. Forward only. Returns (y, logits [N, m, E] f32, experts [N, m, k] int32, weights [N, m, k] f32).
+
+    `glu=True` (a Llama MLP's packed gate/up: two members of `half` columns each, spans ((0, half), (half, half)),
+    no y): y is silu(gate) * up [N, half] instead, computed from the f32 gate and up outputs and rounded once, so
+    the MLP's activation needs no launch of its own."""
     who = "meteora_routed_expand"
     if z.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
         raise ValueError(f"{who}: expected z [N, ldz], b [E*r, ld], scaling [m, E]; got z {z.shape}, b {b.shape}, "
@@ -1291,6 +1334,9 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     if y is not None and y.shape != (n, ld):
         raise ValueError(f"{who}: y {y.shape} must be [N={n}, ld={ld}]")
     _check_spans(who, spans, ld, None if y is not None else "without y")
+    if glu and (y is not None or len(spans) != 2 or spans[1] != (ld // 2, ld // 2) or ld % 2):
+        raise ValueError(f"{who}: glu=True takes two members of equal size, spans ((0, half), (half, half)), and no "
+                         f"y; got spans {spans} over {ld} columns" + (" and y" if y is not None else ""))
     spec = _route_spec(who, e_num, top_k, temperature, routing, forced_expert)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -1301,17 +1347,22 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec, dtype=b.dtype,
               interpret=bool(interpret), zl=(ldz, gate_parts))
     args = [z.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32)]
-    args += [] if y is None else [y.reshape(-1)]
+    if glu:  # both members' tiles in one program, silu(gate) * up out
+        kern, grid, lo, aliases = functools.partial(_routed_glu_kernel, **kw), pl.cdiv(ld // 2, bn), ld // 2, {}
+    else:
+        kern = functools.partial(_routed_expand_kernel, has_y=y is not None, **kw)
+        grid, lo, aliases = mem.tile_starts(bn)[-1], ld, {3: 0} if y is not None else {}
+        args += [] if y is None else [y.reshape(-1)]
     out, experts, weights = pl.pallas_call(
-        functools.partial(_routed_expand_kernel, has_y=y is not None, **kw), grid=(mem.tile_starts(bn)[-1],),
-        out_shape=(jax.ShapeDtypeStruct((n * ld,), out_dtype), jax.ShapeDtypeStruct((n * m * k,), jnp.int32),
+        kern, grid=(grid,),
+        out_shape=(jax.ShapeDtypeStruct((n * lo,), out_dtype), jax.ShapeDtypeStruct((n * m * k,), jnp.int32),
                    jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
-        input_output_aliases={3: 0} if y is not None else {},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
-        interpret=bool(interpret), name="meteora_routed_expand_z",
+        interpret=bool(interpret), name="meteora_routed_glu_z" if glu else "meteora_routed_expand_z",
     )(*args)
     logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
-    return out.reshape(n, ld), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
+    return out.reshape(n, lo), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 
 
 # `meteora_gemv_expand`: a packed group's whole decode step in ONE launch, from zt = [W | G parts | A | pad]^T

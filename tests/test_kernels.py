@@ -500,6 +500,95 @@ def test_routed_expand_bad_args_are_refused():
         mp.meteora_routed_expand(z, b, s, c.spans, **{**kw, "top_k": 6})
 
 
+GLU_CPU = (  # packed gate/up: two members of equal size
+    PCase(1, 64, ((0, 40), (40, 40)), 80, 5, 8, 2),
+    PCase(3, 200, ((0, 50), (50, 50)), 100, 7, 6, 3, routing="softmax_topk", temperature=0.7),
+    PCase(16, 96, ((0, 40), (40, 40)), 80, 28, 8, 2, "bfloat16"),
+    PCase(2, 64, ((0, 40), (40, 40)), 80, 5, 8, 1, forced=3),
+)
+GLU_GPU = (
+    PCase(1, 576, ((0, 1536), (1536, 1536)), 3072, 28, 8, 2, "bfloat16"),  # SmolLM2
+    PCase(16, 4096, ((0, 14336), (14336, 14336)), 28672, 28, 8, 2, "bfloat16", temperature=0.5),  # Llama-3-8B
+    PCase(3, 200, ((0, 50), (50, 50)), 100, 7, 6, 3, routing="softmax_topk", temperature=0.7),
+    PCase(2, 64, ((0, 40), (40, 40)), 80, 5, 8, 1, forced=3),
+)
+
+
+def check_routed_glu(c: PCase, interpret: bool, seed: int, block_sizes=None):
+    """`meteora_routed_expand(glu=True)` against float64 numpy: per member, y_j = base_j + sum over the token's
+    experts of w * s * (x @ A_e) @ B_e (routing by `meteora.route`), then silu(y_gate) * y_up."""
+    from meteora_jax.meteora import route
+
+    x, _, gate, a, b, s = packed_inputs(c, seed)
+    z, parts = routed_expand_z(c, x, gate, a, seed)
+    out, logits, experts, weights = mp.meteora_routed_expand(
+        z, b, s, c.spans, gate_parts=parts, top_k=c.k, temperature=c.temperature, routing=c.routing,
+        forced_expert=c.forced, glu=True, block_sizes=block_sizes, interpret=interpret)
+    e, r, half = c.e, c.r, c.ld // 2
+    k = 1 if c.forced is not None else c.k
+    assert out.shape == (c.n, half) and out.dtype == x.dtype
+    assert logits.shape == (c.n, 2, e) and experts.shape == weights.shape == (c.n, 2, k)
+    x64, z64, tok = np.asarray(x, np.float64), np.asarray(z, np.float64), np.arange(c.n)
+    ys = []
+    for j, (off, size) in enumerate(c.spans):
+        lg = jnp.dot(x.astype(jnp.float32), gate[:, j * e:(j + 1) * e], precision=jax.lax.Precision.HIGHEST)
+        if c.forced is None:
+            w, ex = route(lg, c.k, c.temperature, c.routing)
+        else:
+            ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+        np.testing.assert_array_equal(np.asarray(experts[:, j]), np.asarray(ex), err_msg=f"experts of member {j}")
+        assert_close(logits[:, j], lg, 1e-5, f"logits of member {j}")
+        assert_close(weights[:, j], w, 1e-5, f"weights of member {j}")
+        p = (x64 @ np.asarray(a[:, j * e * r:(j + 1) * e * r], np.float64)).reshape(c.n, e, r)
+        bj = np.asarray(b[:, off:off + size], np.float64).reshape(e, r, size)
+        ex, w, sj = np.asarray(ex), np.asarray(w, np.float64), np.asarray(s[j], np.float64)
+        y = z64[:, off:off + size].copy()
+        for slot in range(k):
+            pick = ex[:, slot]
+            y += (w[:, slot] * sj[pick])[:, None] * np.einsum("nr,nro->no", p[tok, pick], bj[pick])
+        ys.append(y)
+    want = ys[0] / (1.0 + np.exp(-ys[0])) * ys[1]
+    assert_close(out, want, TOL[c.dtype], "silu(gate) * up")
+    base = z64[:, :half] / (1.0 + np.exp(-z64[:, :half])) * z64[:, half:c.ld]  # without the adapters: far off
+    assert np.abs(base - want).max() > 0.1 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("case", GLU_CPU, ids=str)
+def test_routed_glu_interpret(case):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    check_routed_glu(case, interpret=True, seed=seed)
+    check_routed_glu(case, interpret=True, seed=seed, block_sizes=mp.BlockSizes(routed_block_out=16))  # ragged
+
+
+def test_routed_glu_bad_args_are_refused():
+    c = GLU_CPU[0]
+    x, y, gate, a, b, s = packed_inputs(c, 0)
+    z, parts = routed_expand_z(c, x, gate, a, 0)
+    kw = dict(gate_parts=parts, top_k=2, glu=True, interpret=True)
+    with pytest.raises(ValueError, match=r"glu=True takes two members of equal size.*\(\(0, 48\), \(48, 32\)\)"):
+        mp.meteora_routed_expand(z, b, s, ((0, 48), (48, 32)), **kw)
+    with pytest.raises(ValueError, match=r"glu=True takes .* and y"):
+        mp.meteora_routed_expand(z, b, s, c.spans, y=y, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GLU_GPU, ids=str)
+def test_routed_glu_gpu(case):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU (run on the device machine)")
+    check_routed_glu(case, interpret=False, seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+@pytest.mark.parametrize("case", GLU_GPU[:2], ids=str)
+def test_routed_glu_lowers_to_triton(case):
+    _, _, _, _, b, s = packed_inputs(case, 0, abstract=True)
+    z = jax.ShapeDtypeStruct((case.n, case.ld + (2 + case.r) * 2 * case.e + 13), jnp.float32)
+    fn = lambda z, b, s: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=2, top_k=case.k,  # noqa: E731
+                                                  temperature=case.temperature, glu=True, interpret=False)
+    text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert "meteora_routed_glu_z" in text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
 def test_routed_expand_gpu(case):
