@@ -34,7 +34,8 @@ the section "routed decode" below); with the routing given, the same pair serves
 `meteora_fused_add`. `meteora_routed_packed` runs one pair for several linears on the same input (packed q/k/v
 or gate/up, `meteora_jax.packed`). `meteora_routed_expand` is the expand half alone, for when one XLA product
 `x @ [W | G | A]` has already given the base output, the gate logits and the shrink (packing mode "extended",
-what a packed model decodes with on a GPU).
+what a packed model decodes with on a GPU); with `glu=True` it serves a Llama MLP's packed gate/up and writes
+silu(gate) * up.
 
 Model for the file: jax's `jax/experimental/pallas/ops/gpu/attention.py` (block sizes, kernel, jitted wrapper
 with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).
@@ -84,6 +85,9 @@ class BlockSizes:
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
+    # packed gate/up, mode extended, decode: the expand writes silu(gate) * up (`meteora_routed_expand(glu=True)`),
+    # one launch less per layer; off until measured in the decode loop on a GPU (experiments/tune_decode.py)
+    routed_glu: bool = False
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles
     gemv_block_out: int = 8  # its output rows per program for one token (matrix-vector products)

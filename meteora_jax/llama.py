@@ -119,20 +119,21 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 # ----------------------------------------------------------------------------------------- blocks
 def project(parent: nnx.Module, packed: str, names: tuple[str, ...], x: jax.Array, aux: dict,
-            forced: jax.Array | None = None) -> list[jax.Array]:
+            forced: jax.Array | None = None, glu: bool = False) -> list[jax.Array]:
     """The outputs of the linears `names` of `parent` on one input `x`, through the packed projection
     `parent.<packed>` when packing made one; their aux (routing) go into `aux` under the linears' names.
-    `forced`: per-token forced experts `[B, T]` (-1: the gate routes), see `Llama.__call__`."""
+    `forced`: per-token forced experts `[B, T]` (-1: the gate routes), see `Llama.__call__`. `glu` (two linears):
+    `[silu(first) * second]` instead (a packed projection may compute it in its own kernel)."""
     group = getattr(parent, packed, None)
     if group is not None:
-        outs, routings = group(x, forced)
+        outs, routings = group(x, forced, glu=glu)
         aux.update(routings)
         return outs
     outs = []
     for name in names:
         y, aux[name] = getattr(parent, name)(x, forced)
         outs.append(y)
-    return outs
+    return [jax.nn.silu(outs[0]) * outs[1]] if glu else outs
 
 
 def _make_linears(names, shapes, use_bias, layer, config, factory, rngs):
@@ -183,8 +184,8 @@ class MLP(nnx.Module):
         self.packed_gate_up = self.packed_down = None  # set by meteora_jax.packed.pack_projections
 
     def __call__(self, x, aux: dict, forced=None):
-        gate, up = project(self, "packed_gate_up", ("gate_proj", "up_proj"), x, aux, forced)
-        (y,) = project(self, "packed_down", ("down_proj",), jax.nn.silu(gate) * up, aux, forced)
+        (act,) = project(self, "packed_gate_up", ("gate_proj", "up_proj"), x, aux, forced, glu=True)
+        (y,) = project(self, "packed_down", ("down_proj",), act, aux, forced)
         return y
 
 

@@ -31,7 +31,8 @@ Modes (`pack_projections(model, mode=...)`):
   it; one block in float32) and every shrink; for a few tokens one Pallas launch then routes every member and
   writes y = base + delta (`kernels.meteora_pallas.meteora_routed_expand`), so a group costs one XLA product and
   one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
-  product, like the base weight's.
+  product, like the base weight's. With `BlockSizes.routed_glu` (off by default, not yet measured on a GPU),
+  gate/up's launch also applies the MLP's activation and returns silu(gate) * up: one launch less per layer.
 - `gemv`: `extended`'s matrix stored transposed, [ldz, in] (rows contiguous along the input, as nn.Linear stores
   its weight), so that for a few tokens one Pallas launch computes the product's columns as matrix-vector
   products, routes and adds the adapter term (`kernels.meteora_pallas.meteora_gemv_expand`): one launch per
@@ -151,9 +152,14 @@ class PackedProjection(nnx.Module):
         if self.expert_members:
             self.set_routing_from(config)
 
-    def __call__(self, x: jax.Array, forced: jax.Array | None = None) -> tuple[list[jax.Array], dict[str, Any]]:
+    def __call__(self, x: jax.Array, forced: jax.Array | None = None,
+                 glu: bool = False) -> tuple[list[jax.Array], dict[str, Any]]:
         """`forced`: per-token forced experts `x.shape[:-1]` (-1: the gate routes), as in `MeteoraLinear`; rows
-        with it run the `dense` routing math (the decode kernels route by themselves)."""
+        with it run the `dense` routing math (the decode kernels route by themselves). `glu` (two members of one
+        size, a Llama MLP's gate/up): the outputs are `[silu(gate) * up]`, which mode `extended` computes inside
+        its decode kernel when `BlockSizes.routed_glu` is set."""
+        if glu and (len(self.sizes) != 2 or self.sizes[0] != self.sizes[1]):
+            raise ValueError(f"glu takes two members of one size, got {self.names} of sizes {self.sizes}")
         lead = x.shape[:-1]
         xf = x.reshape(-1, self.d_in).astype(self.dtype)
         n = xf.shape[0]
@@ -161,7 +167,9 @@ class PackedProjection(nnx.Module):
         routings: dict[str, Any] = {name: None for name in self.names}
         kernel = self.kernel[...].astype(self.dtype)
         if self.mode in ("extended", "gemv") and self.expert_members:
-            y = self._extended(xf, kernel, routings, lead, forced)
+            y = self._extended(xf, kernel, routings, lead, forced, glu=glu and self.bias is None)
+            if glu and y.shape[-1] == self.sizes[0]:  # the kernel applied the activation
+                return [y.reshape(*lead, -1)], routings
         elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
         elif self.mode == "routed" and forced is None and n <= BlockSizes.get_default().routed_max_tokens:
@@ -187,8 +195,8 @@ class PackedProjection(nnx.Module):
             self._record(routings, logits, experts, weights, lead)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        outs = jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)
-        return [o.reshape(*lead, -1) for o in outs], routings
+        outs = [o.reshape(*lead, -1) for o in jnp.split(y, np.cumsum(self.sizes)[:-1], axis=-1)]
+        return ([jax.nn.silu(outs[0]) * outs[1]] if glu else outs), routings
 
     def _dense_routing(self, logits, p, forced=None):
         """The `dense` math for many tokens: from logits [N, m, E] and the unscaled shrink P [N, m*E*r] (f32),
@@ -212,11 +220,12 @@ class PackedProjection(nnx.Module):
         h = (p.reshape(n, m, e, self.rank) * coef[..., None]).reshape(n, m * e * self.rank).astype(self.dtype)
         return h, experts, weights
 
-    def _extended(self, xf, kernel, routings, lead, forced=None) -> jax.Array:
+    def _extended(self, xf, kernel, routings, lead, forced=None, glu=False) -> jax.Array:
         """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
         launch; a few tokens) or the dense math on z's columns (prefill). Mode `gemv` (kernel stored transposed):
         for a few tokens, when every member has experts, product and expand are one launch
-        (`meteora_gemv_expand`); otherwise as `extended`."""
+        (`meteora_gemv_expand`); otherwise as `extended`. `glu` (mode extended, both members with experts,
+        `BlockSizes.routed_glu`): the decode launch returns silu(gate) * up, [N, ld / 2]."""
         n, ld = xf.shape[0], sum(self.sizes)
         m, e, r = len(self.expert_members), self.num_experts, self.rank
         b_side = self.lora_b[...].astype(self.dtype)
@@ -237,10 +246,11 @@ class PackedProjection(nnx.Module):
         if not self.adapters_enabled:
             return z[:, :ld].astype(self.dtype)
         if forced is None and n <= bs.routed_max_tokens:  # decode: one launch
+            glu = glu and whole and bs.routed_glu
             y, logits, experts, weights = meteora_routed_expand(
                 z, b_side, self.scaling[...], self.spans, gate_parts=self.gate_parts, top_k=self.top_k,
                 temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
-                y=None if whole else z[:, :ld].astype(self.dtype), out_dtype=self.dtype)
+                y=None if whole else z[:, :ld].astype(self.dtype), out_dtype=self.dtype, glu=glu)
             self._record(routings, logits, experts, weights, lead)
             return y
         g0 = ld + self.gate_parts * m * e

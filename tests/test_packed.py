@@ -55,6 +55,12 @@ CASES = [
     dict(top_k=2, target_modules=("k_proj", "gate_proj", "o_proj"), rank=5, experts=6, mode="extended"),
     dict(top_k=3, target_modules=("q_proj", "v_proj", "gate_proj", "up_proj", "o_proj"), bias=True, rank=5,
          experts=6, mode="extended", lengths=(3, 2)),
+    # extended with BlockSizes.routed_glu: gate/up's decode launch writes silu(gate) * up (where both members have
+    # experts and there is no bias; else the activation runs after it)
+    dict(top_k=2, temperature=2.0, mode="extended", lengths=(4, 2), glu=True, options=True),
+    dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="extended", lengths=(4, 3), glu=True),
+    dict(top_k=2, target_modules=("q_proj", "gate_proj", "down_proj"), mode="extended", lengths=(4, 2), glu=True),
+    dict(top_k=2, bias=True, mode="extended", lengths=(4, 2), glu=True),
     # gemv: extended's matrix transposed; 8 tokens (every member with experts) one launch, the rest XLA products
     dict(top_k=2, temperature=2.0, mode="gemv", lengths=(4, 2), options=True),
     dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="gemv", lengths=(4, 3)),
@@ -64,9 +70,19 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def block_sizes():
+    """Set the kernels' default BlockSizes for one test: `block_sizes(**fields)`; restored afterwards."""
+    from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+
+    yield lambda **kw: set_default_block_sizes(BlockSizes(**kw))
+    set_default_block_sizes(None)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_packed_forward_equals_unpacked_loop(case):
+def test_packed_forward_equals_unpacked_loop(case, block_sizes):
     case = dict(case)
+    block_sizes(routed_glu=case.pop("glu", False))
     bias, e, r = case.pop("bias", False), case.pop("experts", 4), case.pop("rank", 3)
     mode, lengths = case.pop("mode", "fold"), case.pop("lengths", (9, 5, 2))
     options = case.pop("options", False)
@@ -232,3 +248,33 @@ def test_gemv_mode_decodes_through_the_one_launch_kernel(monkeypatch):
     calls.clear()
     model(jnp.tile(tokens, (1, 6)), jnp.ones((2, 18), jnp.int32))  # 36 tokens: no kernel call
     assert calls == []
+
+
+def test_glu_decode_launch_takes_gate_up_only_when_it_can(monkeypatch, block_sizes):
+    """With `BlockSizes.routed_glu`, a decode call of the packed gate/up (mode extended, both members with experts,
+    no bias) asks the expand for silu(gate) * up; the other groups, prefill, and the flag off do not."""
+    from meteora_jax import packed as packed_mod
+
+    real, calls = packed_mod.meteora_routed_expand, []
+
+    def spy(z, b, *args, glu=False, **kw):
+        calls.append((b.shape[1], glu))
+        return real(z, b, *args, glu=glu, **kw)
+
+    monkeypatch.setattr(packed_mod, "meteora_routed_expand", spy)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=12, dtype="float32", param_dtype="float32")
+    model = pack_projections(MeteoraLlama(cfg, MeteoraConfig(("a", "b", "c"), 3, top_k=2), rngs=nnx.Rngs(0)),
+                             mode="extended")
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 3)))
+    for flag in (True, False):
+        block_sizes(routed_glu=flag)
+        calls.clear()
+        model(tokens, jnp.ones((2, 3), jnp.int32))
+        assert calls == [(96, False), (48, False), (160, flag), (48, False)] * 2  # qkv, o, gate/up, down; 2 layers
+    calls.clear()
+    block_sizes(routed_glu=True)
+    model(jnp.tile(tokens, (1, 6)), jnp.ones((2, 18), jnp.int32))  # 36 tokens: the dense math, no launch
+    assert calls == []
+    with pytest.raises(ValueError, match=r"glu takes two members of one size, got \('q_proj', 'k_proj', 'v_proj'\)"):
+        model.layers[0].self_attn.packed_qkv(jnp.ones((1, 48)), glu=True)
