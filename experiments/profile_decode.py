@@ -42,7 +42,9 @@ def device_events(xspace_path: str):
 
 
 def summarise(events, steps: int, top: int = 12) -> dict:
-    """Busy time (union of intervals), span and the heaviest kernels, per decode step."""
+    """Busy time (union of intervals), span and the heaviest kernels, per decode step; and `step_sequence`, the
+    kernel names of one step in launch order: a window of one step's length in the middle of the trace (the loop
+    repeats one program, so the window holds every kernel of a step once, starting at some kernel of it)."""
     if not events:
         return {"error": "no device events in the trace (no GPU?)"}
     iv = sorted((s, e) for _, _, s, e in events)
@@ -60,11 +62,15 @@ def summarise(events, steps: int, top: int = 12) -> dict:
         per[name][0] += 1
         per[name][1] += e - s
     heavy = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    ordered = [name for _, name, _, _ in sorted(events, key=lambda ev: ev[2])]
+    width = round(len(events) / steps)
+    mid = max(0, min(len(ordered) - width, len(ordered) // 2 - width // 2))
     return {
         "steps": steps, "events_per_step": len(events) / steps, "span_ms_per_step": span / steps / 1e6,
         "busy_ms_per_step": busy / steps / 1e6, "idle_share": 1 - busy / span,
         "mean_event_us": busy / len(events) / 1e3,
         "top": [{"name": n[:120], "count_per_step": c / steps, "ms_per_step": t / steps / 1e6} for n, (c, t) in heavy],
+        "step_sequence": [n[:120] for n in ordered[mid:mid + width]],
     }
 
 
@@ -78,8 +84,20 @@ def main(argv=None):
     ap.add_argument("--experts", type=int, default=28)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--top", type=int, default=12, help="how many of the heaviest kernels to list (default 12)")
+    ap.add_argument("--block-sizes", help="JSON object of kernels.meteora_pallas.BlockSizes fields for every "
+                    "variant, e.g. '{\"routed_glu\": true}' (recorded)")
     ap.add_argument("--out", help="JSON to write (also printed)")
     args = ap.parse_args(argv)
+    block_sizes = {}
+    if args.block_sizes:
+        from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+
+        try:
+            block_sizes = json.loads(args.block_sizes)
+            set_default_block_sizes(BlockSizes(**block_sizes))
+        except (ValueError, TypeError) as e:
+            ap.error(f"--block-sizes: expected a JSON object of BlockSizes fields: {e}")
 
     import jax
     import numpy as np
@@ -95,7 +113,8 @@ def main(argv=None):
     meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
     variants = args.variants.split(",")
     result = {"shape": args.shape, "batch": args.batch, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "jax": jax.__version__, "device": jax.devices()[0].device_kind, "variants": {}}
+              "jax": jax.__version__, "device": jax.devices()[0].device_kind, "block_sizes": block_sizes,
+              "variants": {}}
     targs = argparse.Namespace(prompt=args.prompt, steps=args.steps, repeats=1)
     for v in variants:
         if v == "base":
@@ -117,10 +136,11 @@ def main(argv=None):
                          rng)
         wall = time.perf_counter() - t
         paths = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-        summ = summarise(device_events(paths[0]), 2 * (args.steps - 1)) if paths else {"error": "no trace"}
+        summ = (summarise(device_events(paths[0]), 2 * (args.steps - 1), top=args.top) if paths
+                else {"error": "no trace"})
         summ.update(untraced_step_ms=1e3 * sec / (args.steps - 1), traced_wall_s=wall)
         result["variants"][v] = summ
-        print(json.dumps({v: {k: x for k, x in summ.items() if k != "top"}}), flush=True)
+        print(json.dumps({v: {k: x for k, x in summ.items() if k not in ("top", "step_sequence")}}), flush=True)
         for row in summ.get("top", []):
             print(f"   {row['ms_per_step']:8.3f} ms  {row['count_per_step']:6.1f}x  {row['name']}")
     if args.out:

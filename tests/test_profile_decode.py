@@ -48,6 +48,24 @@ def test_summary_busy_span_and_top_kernels():
         assert r["count_per_step"] == sum(m == r["name"] for _, m, _, _ in events) / steps
 
 
+def test_step_sequence_is_one_step_of_the_loop_in_launch_order():
+    prof = load()
+    rng = np.random.default_rng()
+    program = [f"k{i}" for i in rng.permutation(int(rng.integers(5, 40)))]  # one step's kernels, in launch order
+    steps = int(rng.integers(3, 9))
+    events, t = [], 0.0
+    for _ in range(steps):
+        for name in program:
+            dur = float(rng.integers(1, 50))
+            events.append((f"Stream #{rng.integers(2)}", name, t, t + dur))
+            t += dur + float(rng.integers(0, 20))
+    rng.shuffle(events)  # the trace's order is not the launch order
+    seq = prof.summarise(events, steps)["step_sequence"]
+    assert len(seq) == len(program)
+    at = program.index(seq[0])
+    assert seq == program[at:] + program[:at]  # a rotation of the step
+
+
 def test_summary_without_events_says_so():
     assert "no device events" in load().summarise([], 5)["error"]
 
@@ -61,11 +79,22 @@ def test_main_times_every_variant_on_the_tiny_shape(tmp_path):
 
     out = tmp_path / "prof.json"
     cmd = [sys.executable, str(SCRIPT), "--shape", "tiny", "--batch", "2", "--variants", "base,dense,packed",
-           "--steps", "4", "--prompt", "8", "--experts", "3", "--rank", "2", "--out", str(out)]
+           "--steps", "4", "--prompt", "8", "--experts", "3", "--rank", "2", "--out", str(out),
+           "--block-sizes", '{"routed_glu": true}']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["shape"] == "tiny" and res["batch"] == 2 and list(res["variants"]) == ["base", "dense", "packed"]
+    assert res["block_sizes"] == {"routed_glu": True}
     for v, summ in res["variants"].items():
         assert summ["untraced_step_ms"] > 0 and summ["traced_wall_s"] > 0, v
         assert "no device events" in summ["error"], v
+
+
+def test_bad_block_sizes_are_refused():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--block-sizes", '{"routed_nope": 1}'], capture_output=True,
+                          text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert proc.returncode == 2 and "--block-sizes: expected a JSON object of BlockSizes fields" in proc.stderr
