@@ -12,7 +12,8 @@
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
 # `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
 # layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
-# layer_bench_tuned (uses that tune.json), tune_decode (TUNE_DECODE_ARGS), generate_bench, profile and profile_cmdbuf
+# layer_bench_tuned (uses that tune.json), tune_decode and tune_decode2 (TUNE_DECODE_ARGS / TUNE_DECODE2_ARGS, into
+# $RES/decode_tune / decode_tune2), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
 # CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS), sweep_layer and sweep_layer2
 # (experiments/sweep_layer.py with SWEEP_ARGS / SWEEP2_ARGS, into $RES/sweep / $RES/sweep2), kernels_linear (the GPU
@@ -66,6 +67,7 @@ for job in "$@"; do
     profile_cmdbuf) run profile_cmdbuf env XLA_FLAGS="${XLA_FLAGS:-} $CMDBUF" python3 experiments/profile_decode.py \
                       --out "$RES/profile_cmdbuf.json" ${PROFILE_ARGS:-} ;;
     tune_decode) run tune_decode python3 experiments/tune_decode.py --out "$RES/decode_tune" ${TUNE_DECODE_ARGS:-} ;;
+    tune_decode2) run tune_decode2 python3 experiments/tune_decode.py --out "$RES/decode_tune2" ${TUNE_DECODE2_ARGS:-} ;;
     probe_large_t) run probe_large_t python3 experiments/probe_large_t.py --out "$RES/probe_large_t.json" \
                      ${PROBE_ARGS:-} ;;
     sweep_layer) run sweep_layer python3 experiments/sweep_layer.py --out "$RES/sweep" ${SWEEP_ARGS:-} ;;
