@@ -129,9 +129,13 @@ _DEFAULT_OVERRIDE: list[BlockSizes | None] = [None]
 
 def set_default_block_sizes(bs: BlockSizes | None) -> None:
     """Make `bs` what `BlockSizes.get_default()` returns (None: back to the class defaults), for calls that pass no
-    block sizes (the model's). Read at trace time: already compiled functions keep theirs (`jax.clear_caches()`)."""
+    block sizes (the model's). They are read at trace time, so when they change, JAX's compiled programs are
+    dropped (`jax.clear_caches()`): a jitted function called before (generation's decode loop, cached by model
+    structure) is traced again with the new ones instead of silently keeping the old."""
     if bs is not None and not isinstance(bs, BlockSizes):
         raise TypeError(f"set_default_block_sizes: expected a BlockSizes or None, got {type(bs).__name__}")
+    if bs != _DEFAULT_OVERRIDE[0]:
+        jax.clear_caches()
     _DEFAULT_OVERRIDE[0] = bs
 
 

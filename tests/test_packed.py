@@ -72,17 +72,11 @@ CASES = [
 
 @pytest.fixture
 def block_sizes():
-    """Set the kernels' default BlockSizes for one test: `block_sizes(**fields)`; restored afterwards. They are read
-    at trace time, so compiled programs (generate's, cached by model structure) are dropped each time."""
+    """Set the kernels' default BlockSizes for one test: `block_sizes(**fields)`; restored afterwards."""
     from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
 
-    def use(**kw):
-        set_default_block_sizes(BlockSizes(**kw))
-        jax.clear_caches()
-
-    yield use
+    yield lambda **kw: set_default_block_sizes(BlockSizes(**kw))
     set_default_block_sizes(None)
-    jax.clear_caches()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))

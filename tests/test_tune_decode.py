@@ -73,3 +73,17 @@ def test_bad_configs_are_refused(tmp_path, capsys):
 def test_set_default_block_sizes_refuses_other_types():
     with pytest.raises(TypeError, match="expected a BlockSizes or None, got dict"):
         mp.set_default_block_sizes({"routed_block_out": 64})
+
+
+def test_changing_the_defaults_retraces_compiled_functions():
+    """Block sizes are read at trace time; a function compiled before a change must not keep the old ones."""
+    import jax
+
+    f = jax.jit(lambda x: x * mp.BlockSizes.get_default().routed_block_out)
+    try:
+        assert float(f(1.0)) == mp.BlockSizes().routed_block_out
+        mp.set_default_block_sizes(mp.BlockSizes(routed_block_out=32))
+        assert float(f(1.0)) == 32
+    finally:
+        mp.set_default_block_sizes(None)
+    assert float(f(1.0)) == mp.BlockSizes().routed_block_out
