@@ -135,6 +135,10 @@ def jax_part(args, emit, deadline):
     from meteora_jax.packed import pack_projections
     from meteora_jax.strategies import STRATEGIES
 
+    if args.block_sizes:  # the kernels' defaults for every variant (checked by main)
+        from kernels.meteora_pallas import set_default_block_sizes
+
+        set_default_block_sizes(block_sizes_arg(args.block_sizes))
     packs = {"packed": "fold", "packed-split": "split", "packed-routed": "routed",  # variant -> packing mode
              "packed-extended": "extended"}
     strategies = list(STRATEGIES) + list(packs) if args.strategies == "all" else args.strategies.split(",")
@@ -282,6 +286,8 @@ def build_parser():
     p.add_argument("--budget", type=float, default=540, help="seconds for all parts together")
     p.add_argument("--torch-share", type=float, default=0.3, help="share of the budget for the torch part")
     p.add_argument("--parts", default="jax,torch")
+    p.add_argument("--block-sizes", help="JSON object of kernels.meteora_pallas.BlockSizes fields for the JAX "
+                   "variants, e.g. '{\"routed_glu\": true}' (recorded in the command)")
     p.add_argument("--append", help="a JSON of an earlier run whose records (and command) to keep in OUT")
     p.add_argument("--render", action="store_true", help="only rewrite OUT.md from OUT.json")
     p.add_argument("--part", help=argparse.SUPPRESS)
@@ -289,8 +295,27 @@ def build_parser():
     return p
 
 
+def block_sizes_arg(text: str):
+    """`--block-sizes`: a BlockSizes from a JSON object of its fields; ValueError naming the option otherwise."""
+    from kernels.meteora_pallas import BlockSizes
+
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError(f"got {type(fields).__name__}")
+        return BlockSizes(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--block-sizes: expected a JSON object of BlockSizes fields, got {text!r}: {e}") from None
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.block_sizes:
+        try:
+            block_sizes_arg(args.block_sizes)
+        except ValueError as e:
+            parser.error(str(e))
     if args.render:  # re-render OUT.md from OUT.json
         data = json.loads(Path(args.out).with_suffix(".json").read_text())
         Path(args.out).with_suffix(".md").write_text(render_md(data["meta"], data["records"]))

@@ -17,22 +17,34 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate.p
 def test_jax_part_runs_every_variant(tmp_path):
     out = tmp_path / "gen"
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--shapes", "tiny", "--batches", "1,2", "--strategies",
-           "dense,packed", "--experts", "3", "--rank", "2", "--prompt", "8", "--steps", "4", "--prefill-len", "16",
-           "--repeats", "1", "--parts", "jax", "--budget", "600"]
+           "dense,packed,packed-extended", "--experts", "3", "--rank", "2", "--prompt", "8", "--steps", "4",
+           "--prefill-len", "16", "--repeats", "1", "--parts", "jax", "--budget", "600",
+           "--block-sizes", '{"routed_glu": true}']  # packed-extended decodes through the GLU expand
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = json.loads(out.with_suffix(".json").read_text())["records"]
+    res = json.loads(out.with_suffix(".json").read_text())
+    records = res["records"]
+    assert res["meta"]["args"]["block_sizes"] == '{"routed_glu": true}'
     errors = [r for r in records if r.get("error") or r.get("kind") in ("error", "skipped")]
     assert not errors, errors
+    variants = {"base", "base-packed", "dense", "packed", "packed-extended"}
     decode = {(r["variant"], r["batch"]): r for r in records if r["kind"] == "decode"}
-    want = {(v, b) for v in ("base", "base-packed", "dense", "packed") for b in (1, 2)}
-    assert set(decode) == want
+    assert set(decode) == {(v, b) for v in variants for b in (1, 2)}
     for r in decode.values():
         assert r["steps"] == 4 and r["step_ms"] > 0 and r["tokens_per_s"] > 0
     for kind in ("generate", "prefill"):
-        assert {r["variant"] for r in records if r["kind"] == kind} == {"base", "base-packed", "dense", "packed"}
+        assert {r["variant"] for r in records if r["kind"] == kind} == variants
     md = out.with_suffix(".md").read_text()
-    assert "| tiny | packed |" in md and "| tiny | dense |" in md
+    assert "| tiny | packed |" in md and "| tiny | dense |" in md and "| tiny | packed-extended |" in md
+
+
+def test_bad_block_sizes_are_refused_before_any_run(tmp_path):
+    out = tmp_path / "gen"
+    for bad in ('{"routed_nope": 1}', "[1]", "{"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--block-sizes", bad],
+                              capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+        assert proc.returncode == 2 and "--block-sizes: expected a JSON object of BlockSizes fields" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_torch_part_runs_every_variant(tmp_path):
