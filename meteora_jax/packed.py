@@ -167,8 +167,8 @@ class PackedProjection(nnx.Module):
         routings: dict[str, Any] = {name: None for name in self.names}
         kernel = self.kernel[...].astype(self.dtype)
         if self.mode in ("extended", "gemv") and self.expert_members:
-            y = self._extended(xf, kernel, routings, lead, forced, glu=glu and self.bias is None)
-            if glu and y.shape[-1] == self.sizes[0]:  # the kernel applied the activation
+            y, activated = self._extended(xf, kernel, routings, lead, forced, glu=glu and self.bias is None)
+            if activated:  # the decode kernel returned silu(gate) * up
                 return [y.reshape(*lead, -1)], routings
         elif not self.expert_members or not self.adapters_enabled:
             y = xf @ kernel[:self.d_in]
@@ -220,12 +220,13 @@ class PackedProjection(nnx.Module):
         h = (p.reshape(n, m, e, self.rank) * coef[..., None]).reshape(n, m * e * self.rank).astype(self.dtype)
         return h, experts, weights
 
-    def _extended(self, xf, kernel, routings, lead, forced=None, glu=False) -> jax.Array:
+    def _extended(self, xf, kernel, routings, lead, forced=None, glu=False) -> tuple[jax.Array, bool]:
         """Mode `extended`: z = x @ [W | G parts | A] (f32) in one product, then the routed expand (one Pallas
         launch; a few tokens) or the dense math on z's columns (prefill). Mode `gemv` (kernel stored transposed):
         for a few tokens, when every member has experts, product and expand are one launch
-        (`meteora_gemv_expand`); otherwise as `extended`. `glu` (mode extended, both members with experts,
-        `BlockSizes.routed_glu`): the decode launch returns silu(gate) * up, [N, ld / 2]."""
+        (`meteora_gemv_expand`); otherwise as `extended`. Returns (y [N, ld], False), or with `glu` (mode
+        extended, decode, both members with experts, `BlockSizes.routed_glu`) (silu(gate) * up [N, ld / 2], True)
+        from the decode launch."""
         n, ld = xf.shape[0], sum(self.sizes)
         m, e, r = len(self.expert_members), self.num_experts, self.rank
         b_side = self.lora_b[...].astype(self.dtype)
@@ -239,12 +240,12 @@ class PackedProjection(nnx.Module):
                     temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
                     out_dtype=self.dtype)
                 self._record(routings, logits, experts, weights, lead)
-                return y
+                return y, False
             z = jax.lax.dot_general(xf, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         else:
             z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
         if not self.adapters_enabled:
-            return z[:, :ld].astype(self.dtype)
+            return z[:, :ld].astype(self.dtype), False
         if forced is None and n <= bs.routed_max_tokens:  # decode: one launch
             glu = glu and whole and bs.routed_glu
             y, logits, experts, weights = meteora_routed_expand(
@@ -252,7 +253,7 @@ class PackedProjection(nnx.Module):
                 temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert,
                 y=None if whole else z[:, :ld].astype(self.dtype), out_dtype=self.dtype, glu=glu)
             self._record(routings, logits, experts, weights, lead)
-            return y
+            return y, glu
         g0 = ld + self.gate_parts * m * e
         logits = sum(z[:, ld + t * m * e:ld + (t + 1) * m * e] for t in range(self.gate_parts)).reshape(n, m, e)
         h, experts, weights = self._dense_routing(logits, z[:, g0:g0 + m * e * r], forced)
@@ -261,7 +262,7 @@ class PackedProjection(nnx.Module):
             y = y.at[:, off:off + size].add(jnp.dot(h[:, j * e * r:(j + 1) * e * r], b_side[:, off:off + size],
                                                     preferred_element_type=jnp.float32))
         self._record(routings, logits, experts, weights, lead)
-        return y.astype(self.dtype)
+        return y.astype(self.dtype), False
 
 
 def gate_parts(gate: jax.Array, dtype) -> list[jax.Array]:
