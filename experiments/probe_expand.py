@@ -13,6 +13,9 @@ of a shape, `--launches` back-to-back calls (each on its own z, so none is share
     pallas-copy    a Pallas kernel on the expand's grid that loads its base tile of z and stores it in bf16
     expand-forced  `meteora_routed_expand` with a forced expert (no logits, no top-k: one dependent load less)
     expand-topk    `meteora_routed_expand` as the model runs it (top-2 of the f32 gate logits)
+    expand-act     gate/up only: expand-topk, then the MLP's silu(gate) * up in XLA (what a layer runs today)
+    expand-glu     gate/up only: `meteora_routed_expand(glu=True)`, which writes silu(gate) * up itself
+                   (`BlockSizes.routed_glu`); per launch it stands for expand-act's two
 
 and reports microseconds per launch (wall time of the whole jitted chain / launches: gaps between kernels
 included, as in a decode step). Random bf16 B, f32 z; E, r and k as the issue's benchmark (28, 8, 2).
@@ -42,7 +45,8 @@ from jax.experimental.pallas import triton as plgpu  # noqa: E402
 from kernels import meteora_pallas as mp  # noqa: E402
 from meteora_jax.packed import EXTENDED_ALIGN  # noqa: E402
 
-VARIANTS = ("xla-copy", "pallas-empty", "pallas-copy", "expand-forced", "expand-topk")
+VARIANTS = ("xla-copy", "pallas-empty", "pallas-copy", "expand-forced", "expand-topk", "expand-act", "expand-glu")
+GATE_UP_ONLY = ("expand-act", "expand-glu")  # variants of the gate/up group alone
 
 
 def groups(shape: dict) -> dict[str, tuple[tuple[int, int], ...]]:
@@ -105,6 +109,17 @@ def variant_fn(name: str, spans, b, scaling, *, k: int, interpret: bool):
         return lambda z: mp.meteora_routed_expand(z, b, scaling, spans, gate_parts=2, top_k=1 if forced == 0 else k,
                                                   forced_expert=forced, out_dtype=jnp.bfloat16,
                                                   interpret=interpret)[0]
+    if name in GATE_UP_ONLY:
+        expand = functools.partial(mp.meteora_routed_expand, b=b, scaling=scaling, spans=spans, gate_parts=2,
+                                   top_k=k, out_dtype=jnp.bfloat16, interpret=interpret)
+        if name == "expand-glu":
+            return lambda z: expand(z, glu=True)[0]
+
+        def act(z):
+            y = expand(z)[0]
+            return jax.nn.silu(y[:, :ld // 2]) * y[:, ld // 2:]
+
+        return act
     raise ValueError(f"--variants: unknown variant {name!r}; expected some of {VARIANTS}")
 
 
@@ -153,6 +168,8 @@ def run(args) -> list[dict]:
     for gi, (group, spans) in enumerate(groups(shape).items()):
         zs, b, scaling = group_inputs(spans, args.batch, args.launches, e=args.experts, r=args.rank, seed=gi)
         for name in args.variants.split(","):
+            if name in GATE_UP_ONLY and group != "gate_up":
+                continue
             rec = {"shape": args.shape, "group": group, "ld": b.shape[1], "ldz": zs[0].shape[1], "batch": args.batch,
                    "variant": name, "launches": args.launches}
             try:

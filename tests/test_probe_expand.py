@@ -72,7 +72,8 @@ def test_run_writes_every_group_and_variant(probe, tmp_path, monkeypatch):
                          "--out", str(out)])
     recs = result["records"]
     assert [(r["group"], r["variant"]) for r in recs] == [(g, v) for g in ("qkv", "o", "gate_up", "down")
-                                                        for v in probe.VARIANTS]
+                                                        for v in probe.VARIANTS
+                                                        if g == "gate_up" or v not in probe.GATE_UP_ONLY]
     for r in recs:
         assert "error" not in r, r
         assert r["us_per_launch"] > 0 and r["launches"] == 2
@@ -84,13 +85,28 @@ def test_run_writes_every_group_and_variant(probe, tmp_path, monkeypatch):
         probe.main(["--variants", "xla-copy,nope"])
 
 
+def test_gate_up_variants_compute_the_mlp_activation(probe):
+    """expand-act and expand-glu give silu(gate) * up of the same routed output (bf16 roundings apart)."""
+    spans = probe.groups(probe.SHAPES["tiny"])["gate_up"]
+    zs, b, scaling = probe.group_inputs(spans, 3, 1, e=4, r=2, seed=int(np.random.default_rng().integers(1 << 30)))
+    act, glu = (np.asarray(probe.variant_fn(v, spans, b, scaling, k=2, interpret=True)(zs[0]), np.float32)
+                for v in ("expand-act", "expand-glu"))
+    y = np.asarray(probe.variant_fn("expand-topk", spans, b, scaling, k=2, interpret=True)(zs[0]), np.float32)
+    half = y.shape[1] // 2
+    want = y[:, :half] / (1 + np.exp(-y[:, :half])) * y[:, half:]
+    assert act.shape == glu.shape == want.shape
+    scale = np.abs(want).max()
+    assert np.abs(act - want).max() <= 2e-2 * scale and np.abs(glu - want).max() <= 2e-2 * scale
+
+
 def test_probe_kernels_lower_to_triton(probe):
     """The probe's own kernels go through the Triton lowering (what a GPU run compiles), checked here on the CPU."""
     spans = probe.groups(probe.SHAPES["smollm2"])["gate_up"]
     zs, b, scaling = probe.group_inputs(spans, 1, 1, e=28, r=8, seed=0)
     z = jax.ShapeDtypeStruct(zs[0].shape, zs[0].dtype)
     kernels = {"pallas-empty": "probe_empty", "pallas-copy": "probe_copy", "expand-forced": "meteora_routed_expand_z",
-               "expand-topk": "meteora_routed_expand_z"}
+               "expand-topk": "meteora_routed_expand_z", "expand-act": "meteora_routed_expand_z",
+               "expand-glu": "meteora_routed_glu_z"}
     assert set(kernels) == set(probe.VARIANTS) - {"xla-copy"}
     for name, kernel in kernels.items():
         fn = probe.variant_fn(name, spans, b, scaling, k=2, interpret=False)
