@@ -134,7 +134,7 @@ def set_default_block_sizes(bs: BlockSizes | None) -> None:
     structure) is traced again with the new ones instead of silently keeping the old."""
     if bs is not None and not isinstance(bs, BlockSizes):
         raise TypeError(f"set_default_block_sizes: expected a BlockSizes or None, got {type(bs).__name__}")
-    if bs != _DEFAULT_OVERRIDE[0]:
+    if (bs or BlockSizes()) != BlockSizes.get_default():  # new values: drop what was traced with the old
         jax.clear_caches()
     _DEFAULT_OVERRIDE[0] = bs
 
