@@ -91,13 +91,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     block_sizes = {}
     if args.block_sizes:
-        from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+        from bench_generate import block_sizes_arg
+
+        from kernels.meteora_pallas import set_default_block_sizes
 
         try:
-            block_sizes = json.loads(args.block_sizes)
-            set_default_block_sizes(BlockSizes(**block_sizes))
-        except (ValueError, TypeError) as e:
-            ap.error(f"--block-sizes: expected a JSON object of BlockSizes fields: {e}")
+            set_default_block_sizes(block_sizes_arg(args.block_sizes))
+        except ValueError as e:
+            ap.error(str(e))
+        block_sizes = json.loads(args.block_sizes)
 
     import jax
     import numpy as np
