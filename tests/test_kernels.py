@@ -405,11 +405,24 @@ def gemv_zt(c: PCase, x, gate, a, seed: int):
     return jnp.concatenate([zt, jnp.asarray(1e3 * rng.standard_normal((13, c.d)), x.dtype)])
 
 
+def member_routing(c: PCase, x, gate, j: int):
+    """Member j's reference routing: (logits f32 [N, E], weights, experts) by `meteora.route`, or the forced
+    expert with weight 1."""
+    from meteora_jax.meteora import route
+
+    e = c.e
+    lg = jnp.dot(x.astype(jnp.float32), gate[:, j * e:(j + 1) * e], precision=jax.lax.Precision.HIGHEST)
+    if c.forced is None:
+        w, ex = route(lg, c.k, c.temperature, c.routing)
+    else:
+        ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+    return lg, w, ex
+
+
 def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=None, via: str = "pair"):
     """The packed pair (`via` "pair"), or the expand alone from z = x @ [W | G | A] ("z"; with y when the spans
     leave columns out), against, per member, `meteora.route` and the gathering float32 reference on that member's
     slices: experts equal; logits, weights and y + delta close; columns outside every span unchanged."""
-    from meteora_jax.meteora import route
 
     x, y, gate, a, b, s = packed_inputs(c, seed)
     m, e, r = len(c.spans), c.e, c.r
@@ -434,11 +447,7 @@ def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=No
     assert logits.shape == (c.n, m, e) and experts.shape == weights.shape == (c.n, m, k)
     want = np.asarray(y, np.float32).copy()
     for j, (off, size) in enumerate(c.spans):
-        lg = jnp.dot(x.astype(jnp.float32), gate[:, j * e:(j + 1) * e], precision=jax.lax.Precision.HIGHEST)
-        if c.forced is None:
-            w, ex = route(lg, c.k, c.temperature, c.routing)
-        else:
-            ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+        lg, w, ex = member_routing(c, x, gate, j)
         aj = a[:, j * e * r:(j + 1) * e * r].reshape(c.d, e, r).transpose(1, 0, 2)
         bj = b[:, off:off + size].reshape(e, r, size)
         delta = mp.meteora_reference(x, aj, bj, s[j], ex, w).astype(jnp.float32)
@@ -517,7 +526,6 @@ GLU_GPU = (
 def check_routed_glu(c: PCase, interpret: bool, seed: int, block_sizes=None):
     """`meteora_routed_expand(glu=True)` against float64 numpy: per member, y_j = base_j + sum over the token's
     experts of w * s * (x @ A_e) @ B_e (routing by `meteora.route`), then silu(y_gate) * y_up."""
-    from meteora_jax.meteora import route
 
     x, _, gate, a, b, s = packed_inputs(c, seed)
     z, parts = routed_expand_z(c, x, gate, a, seed)
@@ -531,11 +539,7 @@ def check_routed_glu(c: PCase, interpret: bool, seed: int, block_sizes=None):
     x64, z64, tok = np.asarray(x, np.float64), np.asarray(z, np.float64), np.arange(c.n)
     ys = []
     for j, (off, size) in enumerate(c.spans):
-        lg = jnp.dot(x.astype(jnp.float32), gate[:, j * e:(j + 1) * e], precision=jax.lax.Precision.HIGHEST)
-        if c.forced is None:
-            w, ex = route(lg, c.k, c.temperature, c.routing)
-        else:
-            ex, w = jnp.full((c.n, 1), c.forced, jnp.int32), jnp.ones((c.n, 1), jnp.float32)
+        lg, w, ex = member_routing(c, x, gate, j)
         np.testing.assert_array_equal(np.asarray(experts[:, j]), np.asarray(ex), err_msg=f"experts of member {j}")
         assert_close(logits[:, j], lg, 1e-5, f"logits of member {j}")
         assert_close(weights[:, j], w, 1e-5, f"weights of member {j}")
