@@ -88,6 +88,10 @@ class BlockSizes:
     # packed gate/up, mode extended, decode: the expand writes silu(gate) * up (`meteora_routed_expand(glu=True)`),
     # one launch less per layer; off until measured in the decode loop on a GPU (experiments/tune_decode.py)
     routed_glu: bool = False
+    # mode extended, decode: the expand reads all E*r rows of its B tile, not only the picked experts' rows, so
+    # that load waits on nothing (no logits, no top-k) and is issued with the first; more bytes (E/k times B's
+    # picked rows), one dependent load less. Off until measured in the decode loop on a GPU
+    routed_dense_b: bool = False
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles
     gemv_block_out: int = 8  # its output rows per program for one token (matrix-vector products)
@@ -754,10 +758,12 @@ def _routed_expand_kernel(*refs, spec, has_y, **kw):
 
 
 def _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmask, after, *, n, mem: Members, k,
-                 bm, ep, cp, gc, spec, dtype, interpret, zl):
+                 bm, ep, cp, gc, spec, dtype, interpret, zl, dense_b=False):
     """Member j's part of an expand program (`j` static or traced): its tokens' routing (from the logits in buf,
     given in e_ref / w_ref, or the forced expert) and the operands of its adapter term on output columns `cols`:
-    (h [bm, cp] = coef * P in `dtype`, B's tile [cp, bn] (only the picked experts' rows read), experts, weights)."""
+    (h [bm, cp] = coef * P in `dtype`, B's tile [cp, bn], experts, weights). B's tile holds only the picked
+    experts' rows (the others masked to zero), or with `dense_b` all of them, loaded first, before the routing
+    is known (their h is zero)."""
     given = spec is None
     e, r, m, ld = mem.e, mem.r, mem.m, mem.ld
     c, er = m * e * r, e * r
@@ -770,6 +776,9 @@ def _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmas
         ldz, parts = zl
         lg_off = lambda part: rows[:, None] * ldz + ld + part * gc + j * e + ecols[None, :] + after  # noqa: E731
         p_off = rows[:, None] * ldz + ld + parts * gc + j * er + ccols[None, :] + after
+    bload = lambda rmask_b: _load(b_ref, ccols[:, None] * ld + cols[None, :],  # noqa: E731
+                                  (rmask_b & cmask)[:, None] & omask[None, :], interpret)
+    bw = bload(cmask) if dense_b else None
     p = _load(buf_ref, p_off, rmask[:, None] & cmask[None, :], interpret)
     if given:  # routing passed in: experts / weights [N, m, k]
         idx = [_load(e_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
@@ -786,9 +795,9 @@ def _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmas
     coef = functools.reduce(jnp.add, [jnp.where(ce[None, :] == i[:, None], w[:, None], 0.0)
                                       for i, w in zip(idx, wts, strict=True)])
     coef = jnp.where(rmask[:, None], coef * sc[None, :], 0.0)
-    picked = jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0  # [cp]: rows of B to read
     h = (coef * p).astype(dtype)
-    bw = _load(b_ref, ccols[:, None] * ld + cols[None, :], (picked & cmask)[:, None] & omask[None, :], interpret)
+    if bw is None:
+        bw = bload(jnp.max((coef != 0).astype(jnp.int32), axis=0) > 0)  # only the picked experts' rows
     return h, bw, idx, wts
 
 
@@ -800,7 +809,7 @@ def _store_routing(ex_ref, wt_ref, j, idx, wts, rows, rmask, first, *, m, k, int
 
 
 def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt_ref, pid, *, n, mem: Members, k, bm,
-                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None):
+                 bn, ep, cp, gc, spec, dtype, interpret, zl=None, pre=None, dense_b=False):
     """`zl` (ldz, parts): buf is z = x @ [W | G (parts column blocks, summed) | A], [N, ldz] (`meteora_routed_expand`):
     the logits and P come from its columns, and without y_ref the base output too. `pre(cols, omask)`, if given,
     runs first and returns (the f32 base tile [bm, bn] of these columns, an int32 0 that orders every later load
@@ -821,7 +830,7 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     base, after = pre(cols, omask) if pre is not None else (None, 0)
     h, bw, idx, wts = _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmask, after, n=n,
                                    mem=mem, k=k, bm=bm, ep=ep, cp=cp, gc=gc, spec=spec, dtype=dtype,
-                                   interpret=interpret, zl=zl)
+                                   interpret=interpret, zl=zl, dense_b=dense_b)
     omask2 = rmask[:, None] & omask[None, :]
     yoff = rows[:, None] * ld + cols[None, :]
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
@@ -842,7 +851,7 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
 
 
 def _routed_glu_kernel(buf_ref, b_ref, s_ref, out_ref, ex_ref, wt_ref, *, n, mem: Members, k, bm, bn, ep, cp, gc,
-                       spec, dtype, interpret, zl):
+                       spec, dtype, interpret, zl, dense_b=False):
     """`meteora_routed_expand(glu=True)`: program i serves columns [i*bn, (i+1)*bn) of both members (gate: member 0,
     up: member 1, each `half` columns): y_j = base_j + delta_j (f32, from z) for both, then silu(y_0) * y_1 rounded
     once. Program 0 writes both members' routing."""
@@ -850,7 +859,8 @@ def _routed_glu_kernel(buf_ref, b_ref, s_ref, out_ref, ex_ref, wt_ref, *, n, mem
     half = mem.spans[1][0]
     rows, cols = _iota(bm), pid * bn + _iota(bn)
     rmask, omask = rows < n, cols < half
-    kw = dict(n=n, mem=mem, k=k, bm=bm, ep=ep, cp=cp, gc=gc, spec=spec, dtype=dtype, interpret=interpret, zl=zl)
+    kw = dict(n=n, mem=mem, k=k, bm=bm, ep=ep, cp=cp, gc=gc, spec=spec, dtype=dtype, interpret=interpret, zl=zl,
+              dense_b=dense_b)
     terms = [_member_term(buf_ref, None, None, b_ref, s_ref, j, cols + j * half, omask, rows, rmask, 0, **kw)
              for j in range(2)]
     omask2 = rmask[:, None] & omask[None, :]
@@ -1353,7 +1363,7 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     bm, bn = _p2(n, 16), bs.routed_block_out
     out_dtype = y.dtype if y is not None else (out_dtype or b.dtype)
     kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec, dtype=b.dtype,
-              interpret=bool(interpret), zl=(ldz, gate_parts))
+              interpret=bool(interpret), zl=(ldz, gate_parts), dense_b=bs.routed_dense_b)
     args = [z.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32)]
     if glu:  # both members' tiles in one program, silu(gate) * up out
         kern, grid, lo, aliases = functools.partial(_routed_glu_kernel, **kw), pl.cdiv(ld // 2, bn), ld // 2, {}
