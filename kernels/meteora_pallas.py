@@ -86,7 +86,7 @@ class BlockSizes:
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
     # packed gate/up, mode extended, decode: the expand writes silu(gate) * up (`meteora_routed_expand(glu=True)`),
-    # one launch less per layer; off until measured in the decode loop on a GPU (experiments/tune_decode.py)
+    # one launch less per layer; off: no faster in the H100's decode loop (experiments/results/decode_glu)
     routed_glu: bool = False
     # mode extended, decode: the expand reads all E*r rows of its B tile, not only the picked experts' rows, so
     # that load waits on nothing (no logits, no top-k) and is issued with the first; more bytes (E/k times B's

@@ -31,7 +31,7 @@ Modes (`pack_projections(model, mode=...)`):
   it; one block in float32) and every shrink; for a few tokens one Pallas launch then routes every member and
   writes y = base + delta (`kernels.meteora_pallas.meteora_routed_expand`), so a group costs one XLA product and
   one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
-  product, like the base weight's. With `BlockSizes.routed_glu` (off by default, not yet measured on a GPU),
+  product, like the base weight's. With `BlockSizes.routed_glu` (off by default: no gain measured on the H100),
   gate/up's launch also applies the MLP's activation and returns silu(gate) * up: one launch less per layer.
 - `gemv`: `extended`'s matrix stored transposed, [ldz, in] (rows contiguous along the input, as nn.Linear stores
   its weight), so that for a few tokens one Pallas launch computes the product's columns as matrix-vector
