@@ -13,6 +13,8 @@ of a shape, `--launches` back-to-back calls (each on its own z, so none is share
     pallas-copy    a Pallas kernel on the expand's grid that loads its base tile of z and stores it in bf16
     expand-forced  `meteora_routed_expand` with a forced expert (no logits, no top-k: one dependent load less)
     expand-topk    `meteora_routed_expand` as the model runs it (top-2 of the f32 gate logits)
+    expand-dense-b expand-topk with `BlockSizes.routed_dense_b`: B's whole tile is loaded with the first loads,
+                   not after the top-k (more bytes, one dependent load less)
     expand-act     gate/up only: expand-topk, then the MLP's silu(gate) * up in XLA (what a layer runs today)
     expand-glu     gate/up only: `meteora_routed_expand(glu=True)`, which writes silu(gate) * up itself
                    (`BlockSizes.routed_glu`); per launch it stands for expand-act's two
@@ -25,6 +27,7 @@ Writes OUT.json and OUT.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -45,7 +48,8 @@ from jax.experimental.pallas import triton as plgpu  # noqa: E402
 from kernels import meteora_pallas as mp  # noqa: E402
 from meteora_jax.packed import EXTENDED_ALIGN  # noqa: E402
 
-VARIANTS = ("xla-copy", "pallas-empty", "pallas-copy", "expand-forced", "expand-topk", "expand-act", "expand-glu")
+VARIANTS = ("xla-copy", "pallas-empty", "pallas-copy", "expand-forced", "expand-topk", "expand-dense-b", "expand-act",
+            "expand-glu")
 GATE_UP_ONLY = ("expand-act", "expand-glu")  # variants of the gate/up group alone
 
 
@@ -104,10 +108,12 @@ def variant_fn(name: str, spans, b, scaling, *, k: int, interpret: bool):
         return lambda z: pallas_empty(z, interpret)
     if name == "pallas-copy":
         return lambda z: pallas_copy(z, ld, bn, programs, interpret)
-    if name in ("expand-forced", "expand-topk"):
+    if name in ("expand-forced", "expand-topk", "expand-dense-b"):
         forced = 0 if name == "expand-forced" else None
+        bs = mp.BlockSizes.get_default()
+        bs = dataclasses.replace(bs, routed_dense_b=True) if name == "expand-dense-b" else bs
         return lambda z: mp.meteora_routed_expand(z, b, scaling, spans, gate_parts=2, top_k=1 if forced == 0 else k,
-                                                  forced_expert=forced, out_dtype=jnp.bfloat16,
+                                                  forced_expert=forced, out_dtype=jnp.bfloat16, block_sizes=bs,
                                                   interpret=interpret)[0]
     if name in GATE_UP_ONLY:
         expand = functools.partial(mp.meteora_routed_expand, b=b, scaling=scaling, spans=spans, gate_parts=2,

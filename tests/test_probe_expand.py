@@ -99,13 +99,26 @@ def test_gate_up_variants_compute_the_mlp_activation(probe):
     assert np.abs(act - want).max() <= 2e-2 * scale and np.abs(glu - want).max() <= 2e-2 * scale
 
 
+def test_dense_b_variant_equals_topk(probe):
+    """expand-dense-b reads B's unpicked rows too, but their coefficients are zero: the same output as
+    expand-topk, to the f32 accumulation order."""
+    spans = probe.groups(probe.SHAPES["tiny"])["qkv"]
+    zs, b, scaling = probe.group_inputs(spans, 3, 1, e=4, r=2, seed=int(np.random.default_rng().integers(1 << 30)))
+    topk, dense = (np.asarray(probe.variant_fn(v, spans, b, scaling, k=2, interpret=True)(zs[0]), np.float32)
+                   for v in ("expand-topk", "expand-dense-b"))
+    base = np.asarray(zs[0][:, :topk.shape[1]].astype(jnp.bfloat16), np.float32)
+    assert np.abs(topk - base).max() > 0  # the adapter term is there
+    np.testing.assert_allclose(dense, topk, rtol=1e-2, atol=1e-2 * np.abs(topk).max())
+
+
 def test_probe_kernels_lower_to_triton(probe):
     """The probe's own kernels go through the Triton lowering (what a GPU run compiles), checked here on the CPU."""
     spans = probe.groups(probe.SHAPES["smollm2"])["gate_up"]
     zs, b, scaling = probe.group_inputs(spans, 1, 1, e=28, r=8, seed=0)
     z = jax.ShapeDtypeStruct(zs[0].shape, zs[0].dtype)
     kernels = {"pallas-empty": "probe_empty", "pallas-copy": "probe_copy", "expand-forced": "meteora_routed_expand_z",
-               "expand-topk": "meteora_routed_expand_z", "expand-act": "meteora_routed_expand_z",
+               "expand-topk": "meteora_routed_expand_z", "expand-dense-b": "meteora_routed_expand_z",
+               "expand-act": "meteora_routed_expand_z",
                "expand-glu": "meteora_routed_glu_z"}
     assert set(kernels) == set(probe.VARIANTS) - {"xla-copy"}
     for name, kernel in kernels.items():
