@@ -59,6 +59,14 @@ def _err(e):
 
 def _time_decode(model, cfg, batch, steps, args, rng):
     """Median seconds of `_decode` for `steps` tokens after `args.prompt` cached ones (random k/v)."""
+    run, first_call = _decode_runner(model, cfg, batch, steps, args, rng)
+    return _median_time(run, args.repeats), first_call
+
+
+def _decode_runner(model, cfg, batch, steps, args, rng):
+    """(run, seconds to compile and run it once): `run()` decodes `steps` tokens with `_decode` after `args.prompt`
+    cached ones (random k/v; greedy, as `generate()` compiles it), through an executable compiled here, ahead of
+    time, so later changes of the block-size defaults (which drop JAX's caches) do not touch it."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,20 +84,26 @@ def _time_decode(model, cfg, batch, steps, args, rng):
     graphdef, state = nnx.split(model)
     layers = cfg.num_hidden_layers
 
-    def run():
-        cache = gen.KVCache(tuple(kv + 0 for _ in range(layers)), tuple(kv + 0 for _ in range(layers)), valid,
-                            jnp.int32(p))
-        jax.block_until_ready(cache)
-        out = gen._decode(graphdef, state, cache, first, jnp.zeros(batch, bool), jnp.full((batch, 1), -2, jnp.int32),
-                          jax.random.key(0), jnp.float32(1), jnp.float32(1), rule, jnp.int32(steps), jnp.int32(0),
-                          jnp.int32(0), None, static=static)  # forced: none (the gate routes)
-        return int(out[3])
+    def cache():
+        out = gen.KVCache(tuple(kv + 0 for _ in range(layers)), tuple(kv + 0 for _ in range(layers)), valid,
+                          jnp.int32(p))
+        return jax.block_until_ready(out)
+
+    def rest():  # forced: none (the gate routes)
+        return (first, jnp.zeros(batch, bool), jnp.full((batch, 1), -2, jnp.int32), jax.random.key(0),
+                jnp.float32(1), jnp.float32(1), rule, jnp.int32(steps), jnp.int32(0), jnp.int32(0), None)
 
     t0 = time.perf_counter()
+    compiled = gen._decode.lower(graphdef, state, cache(), *rest(), static=static).compile()
+
+    def run():
+        out = compiled(state, cache(), *rest())
+        return int(out[3])
+
     did = run()
     first_call = time.perf_counter() - t0
     assert did == steps - 1, (did, steps)
-    return _median_time(run, args.repeats), first_call
+    return run, first_call
 
 
 def _time_generate(model, cfg, args, rng):

@@ -1,11 +1,17 @@
 """Tune the routed kernels' block sizes where they run: inside the jitted decode loop of a packed MeteoRA model.
 
 For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the packed MeteoRA
-model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is recompiled with those defaults and timed as
-`bench_generate.py` times it (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context,
-random bf16 weights), next to the equally packed base model; results in OUT.json and OUT.md, best first per batch.
+model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is compiled with those defaults, next to the
+equally packed base model. After one untimed pass over all of them, the compiled loops are timed in `--rounds`
+interleaved rounds (base, then each configuration, in every round), each time as `bench_generate.py` times
+decoding (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16 weights).
+A configuration's time is the median over rounds, and its ratio is the median of its time over the base's in
+the same round: drifts of the machine between rounds touch both sides of the ratio. Results in OUT.json and
+OUT.md, best first per batch, with the spread of the rounds.
 
     python experiments/tune_decode.py --shape llama3-8b --batches 1,16 --out experiments/results/decode_tune
+    python experiments/tune_decode.py --shape smollm2 --mode extended --rounds 5 --out experiments/results/dense_b
+        --configs '[{}, {"routed_dense_b": true}]'        # (the same command, continued)
     python experiments/tune_decode.py --shape tiny --batches 1 --steps 4 --prompt 4 --out /tmp/t   # smoke (CPU)
 
 Configurations: `--configs '[{"routed_block_out": 64}, ...]'` or the built-in sweep (`CONFIGS`); `{}` is the
@@ -21,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES, _err, _time_decode, write_outputs  # noqa: E402
+from bench_generate import SHAPES, _decode_runner, _err, _median_time, write_outputs  # noqa: E402
 
 CONFIGS = (
     {},
@@ -51,11 +57,15 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--prompt", type=int, default=128, help="context (prompt) tokens")
     p.add_argument("--steps", type=int, default=64, help="decode steps per timed run")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per round (their median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="rounds of timing every compiled loop in turn (medians over rounds; spread reported)")
     p.add_argument("--budget", type=float, default=540, help="seconds; configurations left after it are skipped")
     args = p.parse_args(argv)
     if args.shape not in SHAPES:
         p.error(f"--shape: expected one of {sorted(SHAPES)}, got {args.shape!r}")
+    if args.rounds < 1 or args.repeats < 1:
+        p.error(f"--rounds and --repeats must be at least 1, got {args.rounds} and {args.repeats}")
     configs = json.loads(args.configs) if args.configs else list(CONFIGS)
     if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
         p.error("--configs: expected a JSON list of objects")
@@ -83,25 +93,51 @@ def main(argv=None) -> int:
     meta = {"command": "python experiments/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
             "experts": args.experts, "rank": args.rank, "top_k": args.top_k, "prompt": args.prompt,
-            "steps": args.steps, "mode": args.mode, "date": time.strftime("%Y-%m-%d")}
+            "steps": args.steps, "mode": args.mode, "rounds": args.rounds, "repeats": args.repeats,
+            "date": time.strftime("%Y-%m-%d")}
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(",")]:
-        sec, _ = _time_decode(base, cfg, batch, args.steps, args, rng)
-        records.append({"batch": batch, "variant": "base-packed", "step_ms": 1e3 * sec / (args.steps - 1)})
-        print(json.dumps(records[-1]), flush=True)
+        base_run, _ = _decode_runner(base, cfg, batch, args.steps, args, rng)
+        runs, recs = [], []  # the compiled loops that run, and every record of this batch
         for c, bs in zip(configs, blocks, strict=True):
             rec = {"batch": batch, "variant": f"packed-{args.mode}", "config": c}
+            recs.append(rec)
             if time.time() - start > args.budget:
                 rec["error"] = "time budget"
-            else:
-                mp.set_default_block_sizes(bs)  # drops programs compiled with other block sizes
+                continue
+            mp.set_default_block_sizes(bs)  # read while tracing: the loop is compiled with these
+            try:
+                run, rec["first_call_s"] = _decode_runner(model, cfg, batch, args.steps, args, rng)
+                runs.append((rec, run))
+            except Exception as e:  # a tiling that does not compile here: recorded
+                rec["error"] = _err(e)
+            finally:
+                mp.set_default_block_sizes(None)
+        per_step = lambda sec: 1e3 * sec / (args.steps - 1)  # noqa: E731
+        base_ms, timed = [], {id(rec): [] for rec, _ in runs}
+        for _, run in [(None, base_run), *runs]:  # one untimed pass: the first calls after all compiles
+            run()
+        for i in range(args.rounds):  # every compiled loop once per round, the base first
+            if i and time.time() - start > args.budget:
+                meta.setdefault("rounds_cut", {})[str(batch)] = i  # the rounds that ran, the budget spent
+                break
+            base_ms.append(per_step(_median_time(base_run, args.repeats)))
+            for rec, run in runs:
+                if "error" in rec:
+                    continue
                 try:
-                    sec, first = _time_decode(model, cfg, batch, args.steps, args, rng)
-                    rec.update(step_ms=1e3 * sec / (args.steps - 1), first_call_s=first)
-                except Exception as e:  # a tiling that does not compile here: recorded
+                    timed[id(rec)].append(per_step(_median_time(run, args.repeats)))
+                except Exception as e:
                     rec["error"] = _err(e)
-                finally:
-                    mp.set_default_block_sizes(None)
+        records.append({"batch": batch, "variant": "base-packed", "step_ms": float(np.median(base_ms)),
+                        "round_ms": base_ms})
+        print(json.dumps(records[-1]), flush=True)
+        for rec in recs:
+            ms = timed.get(id(rec), [])
+            if "error" not in rec and ms:
+                ratios = [t / b for t, b in zip(ms, base_ms, strict=True)]
+                rec.update(step_ms=float(np.median(ms)), round_ms=ms, ratio=float(np.median(ratios)),
+                           ratio_min=min(ratios), ratio_max=max(ratios))
             records.append(rec)
             print(json.dumps(rec), flush=True)
     write_outputs(Path(args.out), {".json": json.dumps({"meta": meta, "records": records}, indent=1),
@@ -110,21 +146,30 @@ def main(argv=None) -> int:
 
 
 def render_md(meta, records) -> str:
+    rounds = meta.get("rounds", 1)
+    how = (f"{rounds} interleaved rounds of {meta.get('repeats', '?')} runs each; ms per step and ratio to the "
+           "base-packed step of the same round are medians over rounds, the ratio's range in brackets"
+           if rounds > 1 else "step / base-packed step")
     lines = [f"# Routed-kernel block sizes in the decode loop ({meta['shape']}, {meta['device']})", "",
              f"Command: `{meta['command']}` ({meta['date']}, jax {meta['jax']}). MeteoRA E = {meta['experts']}, "
              f"r = {meta['rank']}, k = {meta['top_k']} on all seven modules, "
              f"packed (mode {meta.get('mode', 'routed')}); "
-             f"{meta['prompt']}-token context, {meta['steps']} steps; step / base-packed step.", ""]
+             f"{meta['prompt']}-token context, {meta['steps']} steps; {how}.", ""]
+    if meta.get("rounds_cut"):
+        lines += [f"The time budget cut the rounds (batch: rounds run): {meta['rounds_cut']}.", ""]
     for batch in dict.fromkeys(r["batch"] for r in records):
         rows = [r for r in records if r["batch"] == batch]
         base = next((r["step_ms"] for r in rows if r["variant"] == "base-packed"), None)
         lines += [f"## Batch {batch} (base-packed {base:.3f} ms per step)" if base else f"## Batch {batch}", "",
                   "| config | ms per step | / base-packed |", "|---|---|---|"]
         timed = sorted((r for r in rows if "step_ms" in r and r["variant"] != "base-packed"),
-                       key=lambda r: r["step_ms"])
+                       key=lambda r: r.get("ratio", r["step_ms"]))
         for r in timed:
-            ratio = f"{r['step_ms'] / base:.3f}x" if base else "-"
-            lines.append(f"| `{json.dumps(r['config'])}` | {r['step_ms']:.3f} | {ratio} |")
+            ratio = r.get("ratio", r["step_ms"] / base if base else None)
+            cell = "-" if ratio is None else f"{ratio:.3f}x"
+            if rounds > 1 and "ratio_min" in r:
+                cell += f" [{r['ratio_min']:.3f}, {r['ratio_max']:.3f}]"
+            lines.append(f"| `{json.dumps(r['config'])}` | {r['step_ms']:.3f} | {cell} |")
         lines += [f"| `{json.dumps(r['config'])}` | {r['error']} | - |" for r in rows if "error" in r]
         lines.append("")
     return "\n".join(lines)

@@ -24,20 +24,34 @@ def load():
     return module
 
 
-def test_each_config_is_timed_under_its_block_sizes(tmp_path, monkeypatch):
-    tune = load()
+def fake_decode(monkeypatch, tune, drift=None):
+    """Stand-ins for the compiled decode loops: each `_decode_runner` call notes the block sizes in effect (what
+    the loop would be compiled with) and returns a `run` whose 'seconds' are fixed per loop, times `drift(round)`
+    when given (a machine that gets slower or faster between rounds); `_median_time` returns what run returns."""
     rng = np.random.default_rng()
-    seen, fake = [], {}
+    compiled, fake, calls = [], {}, []
 
-    def fake_time(model, cfg, batch, steps, args, r):  # what the decode loop would trace with
+    def runner(model, cfg, batch, steps, args, r):
         bs = mp.BlockSizes.get_default()
         qkv = model.layers[0].self_attn.packed_qkv
-        seen.append((batch, bs, "base" if qkv.gate is None else qkv.mode))
-        sec = float(rng.uniform(0.01, 0.02))
-        fake[(batch, bs)] = sec
-        return sec, 1.0
+        key = (batch, bs, "base" if qkv.gate is None else qkv.mode)
+        compiled.append(key)
+        sec = fake.setdefault(key, float(rng.uniform(0.01, 0.02)))
 
-    monkeypatch.setattr(tune, "_time_decode", fake_time)
+        def run():
+            calls.append(key)
+            return sec * (drift(len([c for c in calls if c == key]) - 1) if drift else 1.0)
+
+        return run, 1.0
+
+    monkeypatch.setattr(tune, "_decode_runner", runner)
+    monkeypatch.setattr(tune, "_median_time", lambda fn, repeats: fn())
+    return compiled, fake, calls
+
+
+def test_each_config_is_compiled_under_its_block_sizes(tmp_path, monkeypatch):
+    tune = load()
+    compiled, fake, calls = fake_decode(monkeypatch, tune)
     configs = [{}, {"routed_block_out": 64}, {"routed_splits": 1, "routed_block_cols": 16}]
     out = tmp_path / "tune"
     assert tune.main(["--shape", "tiny", "--batches", "1,3", "--steps", "5", "--out", str(out),
@@ -45,20 +59,48 @@ def test_each_config_is_timed_under_its_block_sizes(tmp_path, monkeypatch):
     assert mp.BlockSizes.get_default() == mp.BlockSizes()  # restored
     want = [mp.BlockSizes(**c) for c in configs]
     for batch in (1, 3):
-        timed = [bs for b, bs, _ in seen if b == batch]
-        assert timed[0] == mp.BlockSizes() and timed[1:] == want  # base-packed first (defaults), then each config
-    assert [m for b, _, m in seen if b == 1] == ["base"] + ["routed"] * 3  # packed base, then packed-routed
+        made = [bs for b, bs, _ in compiled if b == batch]
+        assert made[0] == mp.BlockSizes() and made[1:] == want  # base-packed first (defaults), then each config
+    assert [m for b, _, m in compiled if b == 1] == ["base"] + ["routed"] * 3  # packed base, then packed-routed
+    for batch in (1, 3):  # an untimed pass, then one round: each compiled loop once, in order
+        made = [c for c in compiled if c[0] == batch]
+        assert [c for c in calls if c[0] == batch] == made * 2
     data = json.loads(out.with_suffix(".json").read_text())
     recs = [r for r in data["records"] if r["variant"] == "packed-routed"]
     assert [r["config"] for r in recs] == configs * 2
     for r in recs:
-        assert r["step_ms"] == pytest.approx(1e3 * fake[(r["batch"], mp.BlockSizes(**r["config"]))] / 4)
+        sec = fake[(r["batch"], mp.BlockSizes(**r["config"]), "routed")]
+        assert r["step_ms"] == pytest.approx(1e3 * sec / 4)
+        assert r["ratio"] == pytest.approx(sec / fake[(r["batch"], mp.BlockSizes(), "base")])
     md = out.with_suffix(".md").read_text()
     for batch in (1, 3):
         rows = [line for line in md.split(f"## Batch {batch}")[1].split("##")[0].splitlines()
                 if line.startswith("| `")]
         ms = [float(line.split("|")[2]) for line in rows]
         assert len(ms) == 3 and ms == sorted(ms)  # best first
+
+
+def test_rounds_interleave_and_ratios_pair_within_a_round(tmp_path, monkeypatch):
+    """With --rounds, every loop runs once per round (base first), and a configuration's ratio is the median of
+    its per-round ratios: a machine that drifts between rounds leaves it unchanged."""
+    tune = load()
+    compiled, fake, calls = fake_decode(monkeypatch, tune, drift=lambda i: (9.0, 1.0, 1.3, 0.8, 1.1)[i])
+    configs = [{}, {"routed_block_out": 64}]
+    out = tmp_path / "tune"
+    assert tune.main(["--shape", "tiny", "--batches", "2", "--steps", "5", "--rounds", "4", "--out", str(out),
+                      "--configs", json.dumps(configs)]) == 0
+    assert len(compiled) == 3 and calls == compiled * 5  # compiled once; an untimed pass (9.0), 4 timed rounds
+    data = json.loads(out.with_suffix(".json").read_text())
+    base = fake[(2, mp.BlockSizes(), "base")]
+    for r in data["records"][1:]:
+        sec = fake[(2, mp.BlockSizes(**r["config"]), "routed")]
+        assert r["round_ms"] == pytest.approx([1e3 * sec * d / 4 for d in (1.0, 1.3, 0.8, 1.1)])
+        assert r["step_ms"] == pytest.approx(1e3 * sec * 1.05 / 4)  # the median of four rounds
+        for key in ("ratio", "ratio_min", "ratio_max"):  # the drift cancels within each round
+            assert r[key] == pytest.approx(sec / base)
+    assert "4 interleaved rounds" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        tune.main(["--shape", "tiny", "--out", str(tmp_path / "t"), "--rounds", "0"])
 
 
 def test_bad_configs_are_refused(tmp_path, capsys):
