@@ -57,9 +57,13 @@ CASES = [
          experts=6, mode="extended", lengths=(3, 2)),
     # extended with BlockSizes.routed_glu: gate/up's decode launch writes silu(gate) * up (where both members have
     # experts and there is no bias; else the activation runs after it)
-    dict(top_k=2, temperature=2.0, mode="extended", lengths=(4, 2), glu=True, options=True),
-    dict(top_k=2, target_modules=("q_proj", "gate_proj", "down_proj"), mode="extended", lengths=(4, 2), glu=True),
-    dict(top_k=2, bias=True, mode="extended", lengths=(4, 2), glu=True),
+    dict(top_k=2, temperature=2.0, mode="extended", lengths=(4, 2), blocks=dict(routed_glu=True), options=True),
+    dict(top_k=2, target_modules=("q_proj", "gate_proj", "down_proj"), mode="extended", lengths=(4, 2),
+         blocks=dict(routed_glu=True)),
+    dict(top_k=2, bias=True, mode="extended", lengths=(4, 2), blocks=dict(routed_glu=True)),
+    # ... and with BlockSizes.routed_dense_b: every expand launch loads B's whole tile before the routing
+    dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="extended", lengths=(4, 3),
+         blocks=dict(routed_dense_b=True, routed_glu=True)),
     # gemv: extended's matrix transposed; 8 tokens (every member with experts) one launch, the rest XLA products
     dict(top_k=2, temperature=2.0, mode="gemv", lengths=(4, 2), options=True),
     dict(top_k=3, routing="softmax_topk", temperature=0.7, mode="gemv", lengths=(4, 3)),
@@ -82,8 +86,8 @@ def block_sizes():
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_packed_forward_equals_unpacked_loop(case, block_sizes):
     case = dict(case)
-    if case.pop("glu", False):
-        block_sizes(routed_glu=True)
+    if "blocks" in case:  # kernel block sizes for this case (defaults otherwise)
+        block_sizes(**case.pop("blocks"))
     bias, e, r = case.pop("bias", False), case.pop("experts", 4), case.pop("rank", 3)
     mode, lengths = case.pop("mode", "fold"), case.pop("lengths", (9, 5, 2))
     options = case.pop("options", False)
