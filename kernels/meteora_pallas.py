@@ -1333,7 +1333,10 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
 
     `glu=True` (a Llama MLP's packed gate/up: two members of `half` columns each, spans ((0, half), (half, half)),
     no y): y is silu(gate) * up [N, half] instead, computed from the f32 gate and up outputs and rounded once, so
-    the MLP's activation needs no launch of its own."""
+    the MLP's activation needs no launch of its own.
+
+    `block_sizes.routed_dense_b`: each program loads all E*r rows of its B tile with its first loads, instead of
+    only the picked experts' rows once the top-k is known (same result; more bytes, one dependent load less)."""
     who = "meteora_routed_expand"
     if z.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
         raise ValueError(f"{who}: expected z [N, ldz], b [E*r, ld], scaling [m, E]; got z {z.shape}, b {b.shape}, "
