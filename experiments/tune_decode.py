@@ -114,8 +114,8 @@ def main(argv=None) -> int:
             finally:
                 mp.set_default_block_sizes(None)
         per_step = lambda sec: 1e3 * sec / (args.steps - 1)  # noqa: E731
-        base_ms, timed = [], {id(rec): [] for rec, _ in runs}
-        for _, run in [(None, base_run), *runs]:  # one untimed pass: the first calls after all compiles
+        base_ms = []
+        for run in [base_run, *(run for _, run in runs)]:  # one untimed pass: the first calls after all compiles
             run()
         for i in range(args.rounds):  # every compiled loop once per round, the base first
             if i and time.time() - start > args.budget:
@@ -125,15 +125,15 @@ def main(argv=None) -> int:
             for rec, run in runs:
                 if "error" in rec:
                     continue
-                try:
-                    timed[id(rec)].append(per_step(_median_time(run, args.repeats)))
+                try:  # its ms per step, one per round
+                    rec.setdefault("round_ms", []).append(per_step(_median_time(run, args.repeats)))
                 except Exception as e:
                     rec["error"] = _err(e)
         records.append({"batch": batch, "variant": "base-packed", "step_ms": float(np.median(base_ms)),
                         "round_ms": base_ms})
         print(json.dumps(records[-1]), flush=True)
         for rec in recs:
-            ms = timed.get(id(rec), [])
+            ms = rec.pop("round_ms", None)
             if "error" not in rec and ms:
                 ratios = [t / b for t, b in zip(ms, base_ms, strict=True)]
                 rec.update(step_ms=float(np.median(ms)), round_ms=ms, ratio=float(np.median(ratios)),
