@@ -17,7 +17,8 @@
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
 # CUDA graphs), probe_large_t (experiments/probe_large_t.py with PROBE_ARGS), sweep_layer and sweep_layer2
 # (experiments/sweep_layer.py with SWEEP_ARGS / SWEEP2_ARGS, into $RES/sweep / $RES/sweep2), kernels_linear (the GPU
-# tests of meteora_linear), probe_expand (experiments/probe_expand.py with PROBE_EXPAND_ARGS).
+# tests of meteora_linear), probe_expand (experiments/probe_expand.py with PROBE_EXPAND_ARGS), probe_product
+# (experiments/probe_product.py with PROBE_PRODUCT_ARGS).
 set -u
 RES=/tmp/res
 if [ "${1:-}" = "--wait" ]; then  # wait until the jobs end or SECONDS pass; print the progress
@@ -77,6 +78,8 @@ for job in "$@"; do
                       ${GENERATE_ARGS:-} ;;
     probe_expand) run probe_expand python3 experiments/probe_expand.py --out "$RES/probe_expand" \
                     ${PROBE_EXPAND_ARGS:-} ;;
+    probe_product) run probe_product python3 experiments/probe_product.py --out "$RES/probe_product" \
+                     ${PROBE_PRODUCT_ARGS:-} ;;
     *) echo "== unknown job $job" >> "$RES/progress" ;;
   esac
 done

@@ -92,6 +92,11 @@ class BlockSizes:
     # that load waits on nothing (no logits, no top-k) and is issued with the first; more bytes (E/k times B's
     # picked rows), one dependent load less. Off until measured in the decode loop on a GPU
     routed_dense_b: bool = False
+    # mode extended, decode: the product x @ [W | G | A] gives z in the model's compute dtype (bf16 for a bf16
+    # model) instead of f32. A faster product at batch 1 on the H100 (experiments/probe_product.py), but the gate
+    # logits are then rounded to bf16 (about 3 significant digits), so near-ties can route differently from the
+    # unpacked model's f32 logits; off by default
+    routed_z_low: bool = False
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles
     gemv_block_out: int = 8  # its output rows per program for one token (matrix-vector products)
@@ -779,13 +784,13 @@ def _member_term(buf_ref, e_ref, w_ref, b_ref, s_ref, j, cols, omask, rows, rmas
     bload = lambda rmask_b: _load(b_ref, ccols[:, None] * ld + cols[None, :],  # noqa: E731
                                   (rmask_b & cmask)[:, None] & omask[None, :], interpret)
     bw = bload(cmask) if dense_b else None
-    p = _load(buf_ref, p_off, rmask[:, None] & cmask[None, :], interpret)
+    p = _load(buf_ref, p_off, rmask[:, None] & cmask[None, :], interpret).astype(jnp.float32)  # z may be bf16
     if given:  # routing passed in: experts / weights [N, m, k]
         idx = [_load(e_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
         wts = [_load(w_ref, rows * (m * k) + j * k + jj, rmask, interpret) for jj in range(k)]
     elif spec.forced_expert is None:
         lmask = rmask[:, None] & emask[None, :]
-        lg = functools.reduce(jnp.add, [_load(buf_ref, lg_off(t), lmask, interpret)
+        lg = functools.reduce(jnp.add, [_load(buf_ref, lg_off(t), lmask, interpret).astype(jnp.float32)
                                         for t in range(1 if zl is None else zl[1])])
         idx, wts = _pick(lg, emask[None, :], ecols, spec)
     else:
@@ -836,8 +841,8 @@ def _expand_body(buf_ref, e_ref, w_ref, b_ref, s_ref, y_ref, out_ref, ex_ref, wt
     yv = _load(y_ref, yoff, omask2, interpret) if has_y else None
     if base is not None:
         yv = base
-    elif zl is not None and not has_y:  # the base output, f32, from z
-        yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret)
+    elif zl is not None and not has_y:  # the base output from z, in f32
+        yv = _load(buf_ref, rows[:, None] * zl[0] + cols[None, :], omask2, interpret).astype(jnp.float32)
     delta = _dot(h, bw.astype(dtype))
     if base is not None or (zl is not None and not has_y):  # f32 base + f32 delta, rounded once
         delta = (yv + delta).astype(out_ref.dtype)
@@ -864,7 +869,7 @@ def _routed_glu_kernel(buf_ref, b_ref, s_ref, out_ref, ex_ref, wt_ref, *, n, mem
     terms = [_member_term(buf_ref, None, None, b_ref, s_ref, j, cols + j * half, omask, rows, rmask, 0, **kw)
              for j in range(2)]
     omask2 = rmask[:, None] & omask[None, :]
-    gate, up = (_load(buf_ref, rows[:, None] * zl[0] + j * half + cols[None, :], omask2, interpret)
+    gate, up = (_load(buf_ref, rows[:, None] * zl[0] + j * half + cols[None, :], omask2, interpret).astype(jnp.float32)
                 + _dot(h, bw.astype(dtype)) for j, (h, bw, _, _) in enumerate(terms))
     act = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, f32
     _store(out_ref, rows[:, None] * half + cols[None, :], act.astype(out_ref.dtype), omask2, interpret)
@@ -1336,13 +1341,17 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
     the MLP's activation needs no launch of its own.
 
     `block_sizes.routed_dense_b`: each program loads all E*r rows of its B tile with its first loads, instead of
-    only the picked experts' rows once the top-k is known (same result; more bytes, one dependent load less)."""
+    only the picked experts' rows once the top-k is known (same result; more bytes, one dependent load less).
+
+    z may also come rounded, in bfloat16 or float16 (`BlockSizes.routed_z_low`): its values are read as f32, so
+    the routing is that of the rounded logits, and the base output is rounded twice."""
     who = "meteora_routed_expand"
     if z.ndim != 2 or b.ndim != 2 or scaling.ndim != 2:
         raise ValueError(f"{who}: expected z [N, ldz], b [E*r, ld], scaling [m, E]; got z {z.shape}, b {b.shape}, "
                          f"scaling {scaling.shape}")
-    if z.dtype != jnp.float32:
-        raise ValueError(f"{who}: z must be float32 (the product's f32 result), got {z.dtype}")
+    if z.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{who}: z must be float32 (the product's f32 result) or bfloat16 / float16 (a rounded one, "
+                         f"`BlockSizes.routed_z_low`), got {z.dtype}")
     n, ldz = z.shape
     m, e_num = scaling.shape
     er, ld = b.shape
@@ -1382,7 +1391,8 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
         compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
         interpret=bool(interpret), name="meteora_routed_glu_z" if glu else "meteora_routed_expand_z",
     )(*args)
-    logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
+    logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc].astype(jnp.float32)
+                                        for t in range(gate_parts)])
     return out.reshape(n, lo), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
 
 

@@ -33,6 +33,9 @@ Modes (`pack_projections(model, mode=...)`):
   one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
   product, like the base weight's. With `BlockSizes.routed_glu` (off by default: no gain measured on the H100),
   gate/up's launch also applies the MLP's activation and returns silu(gate) * up: one launch less per layer.
+  With `BlockSizes.routed_z_low` (off by default) the decode product's z comes in the compute dtype (bf16), not
+  f32: a faster product at batch 1, but the gate logits are rounded to bf16, so routing can differ from the
+  unpacked model's at near-ties.
 - `gemv`: `extended`'s matrix stored transposed, [ldz, in] (rows contiguous along the input, as nn.Linear stores
   its weight), so that for a few tokens one Pallas launch computes the product's columns as matrix-vector
   products, routes and adds the adapter term (`kernels.meteora_pallas.meteora_gemv_expand`): one launch per
@@ -242,8 +245,9 @@ class PackedProjection(nnx.Module):
                 self._record(routings, logits, experts, weights, lead)
                 return y, False
             z = jax.lax.dot_general(xf, kernel, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        else:
-            z = jnp.dot(xf, kernel, preferred_element_type=jnp.float32)  # [N, ld + parts*m*E + m*E*r]
+        else:  # [N, ld + parts*m*E + m*E*r]; at decode sizes optionally in the compute dtype (`routed_z_low`)
+            low = bs.routed_z_low and self.adapters_enabled and forced is None and n <= bs.routed_max_tokens
+            z = jnp.dot(xf, kernel, preferred_element_type=self.dtype if low else jnp.float32)
         if not self.adapters_enabled:
             return z[:, :ld].astype(self.dtype), False
         if forced is None and n <= bs.routed_max_tokens:  # decode: one launch

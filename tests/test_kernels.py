@@ -518,8 +518,8 @@ def test_routed_expand_bad_args_are_refused():
     x, y, gate, a, b, s = packed_inputs(c, 0)
     z, parts = routed_expand_z(c, x, gate, a, 0)
     kw = dict(gate_parts=parts, top_k=2, interpret=True)
-    with pytest.raises(ValueError, match=r"z must be float32"):
-        mp.meteora_routed_expand(z.astype(jnp.bfloat16), b, s, c.spans, **kw)
+    with pytest.raises(ValueError, match=r"z must be float32 .* or bfloat16 / float16 .*got int32"):
+        mp.meteora_routed_expand(z.astype(jnp.int32), b, s, c.spans, **kw)
     with pytest.raises(ValueError, match=r"z \(1, 66\) must be \[N, ld \+ gate_parts\*m\*E \+ m\*E\*r"):
         mp.meteora_routed_expand(z[:, :66], b, s, c.spans, **kw)
     with pytest.raises(ValueError, match=r"without y, spans .* must cover all 80 columns"):
@@ -597,6 +597,60 @@ def test_routed_glu_bad_args_are_refused():
         mp.meteora_routed_expand(z, b, s, c.spans, y=y, **kw)
 
 
+def check_routed_expand_low(c: PCase, interpret: bool, seed: int, glu: bool = False, block_sizes=None):
+    """`meteora_routed_expand` from z rounded to bf16 (`BlockSizes.routed_z_low`) against float64 numpy on the
+    same rounded values: per member, the logits are the sum of z's gate parts (routing by `meteora.route` on
+    them), y_j = base_j (z's columns, or y where the spans leave columns out) + sum over the token's experts of
+    w * s * P_e @ B_e with P from z's shrink columns; with `glu`, silu(y_gate) * y_up."""
+    from meteora_jax.meteora import route
+
+    x, y, gate, a, b, s = packed_inputs(c, seed)
+    z, parts = routed_expand_z(c, x, gate, a, seed)
+    z = z.astype(jnp.bfloat16)
+    m, e, r, ld = len(c.spans), c.e, c.r, c.ld
+    whole = sum(size for _, size in c.spans) == ld
+    out, logits, experts, weights = mp.meteora_routed_expand(
+        z, b, s, c.spans, gate_parts=parts, top_k=c.k, temperature=c.temperature, routing=c.routing,
+        forced_expert=c.forced, y=None if whole or glu else y, out_dtype=x.dtype, glu=glu, block_sizes=block_sizes,
+        interpret=interpret)
+    k = 1 if c.forced is not None else c.k
+    z64, tok, gc = np.asarray(z, np.float64), np.arange(c.n), m * e
+    want = z64[:, :ld].copy() if whole or glu else np.asarray(y, np.float64).copy()
+    for j, (off, size) in enumerate(c.spans):
+        lg = sum(z64[:, ld + t * gc + j * e:ld + t * gc + (j + 1) * e] for t in range(parts)).astype(np.float32)
+        if c.forced is None:
+            w, ex = (np.asarray(v) for v in route(jnp.asarray(lg), c.k, c.temperature, c.routing))
+        else:
+            ex, w = np.full((c.n, 1), c.forced), np.ones((c.n, 1))
+        np.testing.assert_array_equal(np.asarray(experts[:, j]), ex, err_msg=f"experts of member {j}")
+        assert_close(logits[:, j], lg, 1e-6, f"logits of member {j}")
+        assert_close(weights[:, j], w, 1e-5, f"weights of member {j}", slack=weights_slack(lg, c.temperature))
+        p = z64[:, ld + parts * gc + j * e * r:ld + parts * gc + (j + 1) * e * r].reshape(c.n, e, r)
+        bj, sj, w = np.asarray(b[:, off:off + size], np.float64).reshape(e, r, size), np.asarray(s[j]), w.astype(float)
+        for slot in range(k):
+            pick = ex[:, slot]
+            want[:, off:off + size] += (w[:, slot] * sj[pick])[:, None] * np.einsum("nr,nro->no", p[tok, pick],
+                                                                                   bj[pick])
+    if glu:
+        half = ld // 2
+        want = want[:, :half] / (1.0 + np.exp(-want[:, :half])) * want[:, half:]
+    assert out.shape == want.shape and out.dtype == x.dtype
+    assert_close(out, want, TOL[c.dtype], "y + delta" + (" (silu(gate) * up)" if glu else ""),
+                 slack=rounding_slack(want, out.dtype))
+
+
+@pytest.mark.parametrize("case", PACKED_CPU, ids=str)
+def test_routed_expand_bf16_z_interpret(case):
+    seed = int(np.random.default_rng().integers(1 << 30))
+    check_routed_expand_low(case, interpret=True, seed=seed)
+    check_routed_expand_low(case, interpret=True, seed=seed, block_sizes=DENSE_B)
+
+
+@pytest.mark.parametrize("case", GLU_CPU, ids=str)
+def test_routed_glu_bf16_z_interpret(case):
+    check_routed_expand_low(case, interpret=True, seed=int(np.random.default_rng().integers(1 << 30)), glu=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GLU_GPU, ids=str)
 def test_routed_glu_gpu(case):
@@ -605,6 +659,7 @@ def test_routed_glu_gpu(case):
     seed = int(np.random.default_rng().integers(1 << 30))
     check_routed_glu(case, interpret=False, seed=seed)
     check_routed_glu(case, interpret=False, seed=seed, block_sizes=DENSE_B)
+    check_routed_expand_low(case, interpret=False, seed=seed, glu=True)
 
 
 @pytest.mark.parametrize("case", GLU_GPU[:2], ids=str)
@@ -625,6 +680,7 @@ def test_routed_expand_gpu(case):
     seed = int(np.random.default_rng().integers(1 << 30))
     check_routed_packed(case, interpret=False, seed=seed, via="z")
     check_routed_packed(case, interpret=False, seed=seed, via="z", block_sizes=DENSE_B)
+    check_routed_expand_low(case, interpret=False, seed=seed)
 
 
 @pytest.mark.parametrize("case", PACKED_GPU, ids=str)
@@ -651,6 +707,18 @@ def test_routed_dense_b_lowers_to_triton(glu):
     fn = lambda z, b, s: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=2, top_k=case.k,  # noqa: E731
                                                   temperature=case.temperature, glu=glu, block_sizes=DENSE_B,
                                                   interpret=False)
+    text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
+    assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
+
+
+@pytest.mark.parametrize("glu", (False, True), ids=("expand", "glu"))
+def test_routed_expand_bf16_z_lowers_to_triton(glu):
+    """A bf16 z (`BlockSizes.routed_z_low`) compiles for Triton too."""
+    case = GLU_GPU[0] if glu else PACKED_GPU[0]
+    _, _, _, _, b, s = packed_inputs(case, 0, abstract=True)
+    z = jax.ShapeDtypeStruct((case.n, case.ld + (2 + case.r) * len(case.spans) * case.e + 13), jnp.bfloat16)
+    fn = lambda z, b, s: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=2, top_k=case.k,  # noqa: E731
+                                                  temperature=case.temperature, glu=glu, interpret=False)
     text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
     assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
 

@@ -285,3 +285,41 @@ def test_glu_decode_launch_takes_gate_up_only_when_it_can(monkeypatch, block_siz
     assert calls == []
     with pytest.raises(ValueError, match=r"glu takes two members of one size, got \('q_proj', 'k_proj', 'v_proj'\)"):
         model.layers[0].self_attn.packed_qkv(jnp.ones((1, 48)), glu=True)
+
+
+def test_z_low_decodes_from_a_bf16_product_as_close_as_unpacked(monkeypatch, block_sizes):
+    """`BlockSizes.routed_z_low`: mode extended's decode product gives z in bf16 (the compute dtype), which the
+    expand launch reads; prefill and the flag off keep f32. With every expert picked (top_k = E: no routing ties
+    that bf16 logits could flip) the packed bf16 model is then about as far from the fp32 model as the unpacked
+    bf16 model is (the bounds of `test_packed_bf16_as_close_to_fp32_as_unpacked`)."""
+    from meteora_jax import packed as packed_mod
+
+    real, zdtypes = packed_mod.meteora_routed_expand, []
+
+    def spy(z, *args, **kw):
+        zdtypes.append(jnp.dtype(z.dtype).name)
+        return real(z, *args, **kw)
+
+    monkeypatch.setattr(packed_mod, "meteora_routed_expand", spy)
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16)
+    mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(4)), 4, top_k=4, temperature=1.5)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    f32 = MeteoraLlama(LlamaConfig(**kw, dtype="float32", param_dtype="float32"), mcfg, rngs=nnx.Rngs(seed))
+    bf = MeteoraLlama(LlamaConfig(**kw, dtype="bfloat16", param_dtype="bfloat16"), mcfg, rngs=nnx.Rngs(seed))
+    weights = jax.tree.map(lambda mine, v: v.astype(mine.dtype), nnx.state(bf), nnx.state(f32))
+    nnx.update(bf, weights)
+    nnx.update(f32, jax.tree.map(lambda v: v.astype(jnp.float32), weights))  # the same (bf16) values in fp32
+    packed = pack_projections(copy(bf), mode="extended")
+    tokens = jax.random.randint(jax.random.key(seed), (2, 5), 0, kw["vocab_size"])  # 10 tokens: the decode launch
+    for low in (False, True):
+        block_sizes(routed_z_low=low)
+        zdtypes.clear()
+        got = np.asarray(packed(tokens).logits)
+        assert zdtypes == ["bfloat16" if low else "float32"] * 8, (low, zdtypes)  # 4 groups x 2 layers
+    ref, unpacked = (np.asarray(m(tokens).logits) for m in (f32, bf))
+    assert np.abs(got - ref).mean() <= 2.0 * np.abs(unpacked - ref).mean(), f"seed {seed}"
+    assert np.abs(got - ref).max() <= 4.0 * np.abs(unpacked - ref).max() + 2e-3, f"seed {seed}"
+    zdtypes.clear()
+    packed(jnp.tile(tokens, (1, 4)))  # 40 tokens (prefill): the dense math on an f32 z, no launch
+    assert zdtypes == []
