@@ -11,7 +11,7 @@
 # stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
 # `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
-# layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
+# kernels_k (the GPU tests of test_kernels.py selected by KERNELS_K), layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
 # layer_bench_tuned (uses that tune.json), tune_decode and tune_decode2 (TUNE_DECODE_ARGS / TUNE_DECODE2_ARGS, into
 # $RES/decode_tune / decode_tune2), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
@@ -73,6 +73,7 @@ for job in "$@"; do
                      ${PROBE_ARGS:-} ;;
     sweep_layer) run sweep_layer python3 experiments/sweep_layer.py --out "$RES/sweep" ${SWEEP_ARGS:-} ;;
     sweep_layer2) run sweep_layer2 python3 experiments/sweep_layer.py --out "$RES/sweep2" ${SWEEP2_ARGS:-} ;;
+    kernels_k) run kernels_k python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -k "${KERNELS_K:-routed}" ;;
     kernels_linear) run kernels_linear python3 -m pytest -m gpu tests/test_kernels.py -q -p no:cacheprovider -k linear ;;
     generate_bench) run generate_bench python3 experiments/bench_generate.py --out "$RES/generate_bench" \
                       ${GENERATE_ARGS:-} ;;
