@@ -11,7 +11,8 @@
 # stages only), repro_gates (gate training alone, options in GATE_ARGS), bundle (the trained weights in <= 15 MiB
 # files under /tmp/res/bundle), unbundle (a working folder rebuilt from such files carried to /tmp/bundle, so
 # `repro` goes on with the evaluations), kernels_test, kernels_routed (the GPU tests of the routed kernels alone),
-# kernels_k (the GPU tests of test_kernels.py selected by KERNELS_K), layer_bench, layer_tune (writes tune.json, keeping its rows of other T; options in TUNE_ARGS),
+# kernels_k (the GPU tests of test_kernels.py selected by KERNELS_K), layer_bench, layer_tune (writes tune.json,
+# keeping its rows of other T; options in TUNE_ARGS),
 # layer_bench_tuned (uses that tune.json), tune_decode and tune_decode2 (TUNE_DECODE_ARGS / TUNE_DECODE2_ARGS, into
 # $RES/decode_tune / decode_tune2), generate_bench, profile and profile_cmdbuf
 # (experiments/profile_decode.py with PROFILE_ARGS; the second also puts XLA's while loops and conditionals into
