@@ -90,7 +90,8 @@ class BlockSizes:
     routed_glu: bool = False
     # mode extended, decode: the expand reads all E*r rows of its B tile, not only the picked experts' rows, so
     # that load waits on nothing (no logits, no top-k) and is issued with the first; more bytes (E/k times B's
-    # picked rows), one dependent load less. Off until measured in the decode loop on a GPU
+    # picked rows), one dependent load less. Off: no faster in the H100's decode loop, slower for Llama-3-8B at
+    # batch 1 (experiments/results/decode_dense_b)
     routed_dense_b: bool = False
     # mode extended, decode: the product x @ [W | G | A] gives z in the model's compute dtype (bf16 for a bf16
     # model) instead of f32. A faster product at batch 1 on the H100 (experiments/probe_product.py), but the gate
