@@ -91,12 +91,12 @@ class BlockSizes:
     # mode extended, decode: the expand reads all E*r rows of its B tile, not only the picked experts' rows, so
     # that load waits on nothing (no logits, no top-k) and is issued with the first; more bytes (E/k times B's
     # picked rows), one dependent load less. Off: no faster in the H100's decode loop, slower for Llama-3-8B at
-    # batch 1 (experiments/results/decode_dense_b)
+    # batch 1 (experiments/results/decode_product)
     routed_dense_b: bool = False
     # mode extended, decode: the product x @ [W | G | A] gives z in the model's compute dtype (bf16 for a bf16
-    # model) instead of f32. A faster product at batch 1 on the H100 (experiments/probe_product.py), but the gate
-    # logits are then rounded to bf16 (about 3 significant digits), so near-ties can route differently from the
-    # unpacked model's f32 logits; off by default
+    # model) instead of f32: Llama-3-8B shapes at batch 1 on the H100 decode in 1.15x the packed base's step
+    # instead of 1.26x (experiments/results/decode_product). But the gate logits are then rounded to bf16 (about
+    # 3 significant digits), so near-ties can route differently from the unpacked model's f32 logits: opt-in
     routed_z_low: bool = False
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles

@@ -33,9 +33,10 @@ Modes (`pack_projections(model, mode=...)`):
   one launch; prefill runs the `dense` math on z's columns. The gate's and shrink's bytes are read by the
   product, like the base weight's. With `BlockSizes.routed_glu` (off by default: no gain measured on the H100),
   gate/up's launch also applies the MLP's activation and returns silu(gate) * up: one launch less per layer.
-  With `BlockSizes.routed_z_low` (off by default) the decode product's z comes in the compute dtype (bf16), not
-  f32: a faster product at batch 1, but the gate logits are rounded to bf16, so routing can differ from the
-  unpacked model's at near-ties.
+  With `BlockSizes.routed_z_low` (opt-in; `generate --low-precision-gate`) the decode product's z comes in the
+  compute dtype (bf16), not f32: Llama-3-8B shapes decode at batch 1 on the H100 in 1.15x the packed base's
+  step instead of 1.26x (experiments/results/decode_product), but the gate logits are rounded to bf16, so
+  routing can differ from the unpacked model's at near-ties.
 - `gemv`: `extended`'s matrix stored transposed, [ldz, in] (rows contiguous along the input, as nn.Linear stores
   its weight), so that for a few tokens one Pallas launch computes the product's columns as matrix-vector
   products, routes and adds the adapter term (`kernels.meteora_pallas.meteora_gemv_expand`): one launch per

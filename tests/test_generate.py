@@ -340,6 +340,36 @@ def test_cli_help_and_run(tiny_llama3, tmp_path, capsys):
         gen.main(args + ["--stream"])
 
 
+def test_cli_low_precision_gate_decodes_from_a_bf16_product(tiny_llama3, tmp_path, capsys, monkeypatch):
+    """`--pack --low-precision-gate` (a packed group's decode product in bf16, gate logits included): the decode
+    launches read a bf16 z during that run only; the same command without the flag reads f32; without --pack it
+    is refused."""
+    from kernels.meteora_pallas import BlockSizes
+    from meteora_jax import checkpoint
+    from meteora_jax import packed as packed_mod
+
+    real, zdtypes = packed_mod.meteora_routed_expand, []
+
+    def spy(z, *args, **kw):
+        zdtypes.append(jnp.dtype(z.dtype).name)
+        return real(z, *args, **kw)
+
+    monkeypatch.setattr(packed_mod, "meteora_routed_expand", spy)
+    ckpt = checkpoint.save(tmp_path / "ckpt", random_meteora(tiny_llama3[0], seed=3, top_k=2))
+    _word_level_tokenizer(tmp_path / "tok")
+    args = ["--checkpoint", str(ckpt), "--tokenizer", str(tmp_path / "tok"), "--prompt", "w3 w5 w7", "--no-chat",
+            "--max-new-tokens", "3", "--pack", "--strategy", "fused", "--dtype", "bfloat16"]
+    assert gen.main(args + ["--low-precision-gate"]) == 0
+    assert zdtypes and set(zdtypes) == {"bfloat16"}, zdtypes
+    assert not BlockSizes.get_default().routed_z_low  # the process's defaults are back
+    zdtypes.clear()
+    assert gen.main(args) == 0
+    assert zdtypes and set(zdtypes) == {"float32"}, zdtypes
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--low-precision-gate applies to packed decoding: add --pack"):
+        gen.main([a for a in args if a != "--pack"] + ["--low-precision-gate"])
+
+
 def _has_mpl():
     try:
         import matplotlib  # noqa: F401

@@ -66,7 +66,7 @@ def test_variants_multiply_by_what_they_claim(probe):
                                        atol=tol * np.abs(full).max(), err_msg=name)
 
 
-def test_chain_keeps_every_product_and_finds_kernels(probe):
+def test_chain_keeps_every_product(probe):
     x = jnp.ones((2, 8), jnp.float32)
     layers = [(jnp.full((8, 4), float(i), jnp.float32),) for i in range(3)]
     fn = probe.product_fn("ext-f32")
@@ -75,13 +75,6 @@ def test_chain_keeps_every_product_and_finds_kernels(probe):
     assert [float(o[0][0, 0]) for o in outs] == [0.0, 8.0, 16.0]
     assert chain.lower(x, layers).as_text().count("optimization_barrier") == 2
 
-    class Fake:
-        def as_text(self):
-            return ('fusion {backend_config={"triton_gemm_config":{"block_m":"16","split_k":"4"}}} '
-                    'custom-call(a), custom_call_target="__cublas$gemm" "triton_gemm_config":{"block_m":"16",'
-                    '"split_k":"4"}')
-
-    assert probe.xla_kernels(Fake()) == ['"triton_gemm_config":{"block_m":"16","split_k":"4"}', "__cublas$gemm"]
 
 
 def test_run_writes_every_group_variant_and_batch(probe, tmp_path, monkeypatch):
