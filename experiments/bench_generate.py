@@ -6,7 +6,9 @@ Random weights (bf16) of the named shapes. For each shape:
   `--prompt`-token context, at each `--batches` size, for the base Llama and for MeteoRA (E experts of rank
   r, top-k, all seven modules) with each strategy, and packed (`meteora_jax.packed`: `packed`, the expand
   folded into the base product, `packed-split`, the two products apart, and `packed-routed`, the routed kernels
-  for all members of a group at once, against the equally packed base, `base-packed`); tokens/s = batch x
+  for all members of a group at once, `packed-extended`, one product and one launch per group, and
+  `packed-extended-lowgate`, the same with that product in bf16, gate logits included (`BlockSizes.routed_z_low`,
+  `generate --low-precision-gate`), against the equally packed base, `base-packed`); tokens/s = batch x
   steps / time, and the time per step;
 - ours, prefill: `_prefill` of `--prompt` tokens at batch 1 and of `--prefill-len` tokens (tokens/s);
 - ours, end to end: `generate()` at batch 1, `--prompt` tokens in, `--steps` out (greedy, no EOS);
@@ -25,6 +27,8 @@ time budget; a part that fails or is cut off is recorded as such. Results: OUT.j
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -139,6 +143,27 @@ def _time_prefill(model, cfg, length, args, rng):
     return _median_time(call, args.repeats)
 
 
+VARIANT_BLOCKS = {"packed-extended-lowgate": {"routed_z_low": True}}  # a variant's own BlockSizes fields
+
+
+@contextlib.contextmanager
+def variant_blocks(variant: str):
+    """While timing `variant`: the kernels' defaults with its VARIANT_BLOCKS fields (over --block-sizes), then the
+    defaults as they were."""
+    extra = VARIANT_BLOCKS.get(variant)
+    if not extra:
+        yield
+        return
+    from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+
+    before = BlockSizes.get_default()
+    set_default_block_sizes(dataclasses.replace(before, **extra))
+    try:
+        yield
+    finally:
+        set_default_block_sizes(before)
+
+
 def jax_part(args, emit, deadline):
     import jax
     import numpy as np
@@ -154,7 +179,7 @@ def jax_part(args, emit, deadline):
 
         set_default_block_sizes(block_sizes_arg(args.block_sizes))
     packs = {"packed": "fold", "packed-split": "split", "packed-routed": "routed",  # variant -> packing mode
-             "packed-extended": "extended"}
+             "packed-extended": "extended", "packed-extended-lowgate": "extended"}
     strategies = list(STRATEGIES) + list(packs) if args.strategies == "all" else args.strategies.split(",")
     dev = jax.devices()[0]
     peak = lambda: (dev.memory_stats() or {}).get("peak_bytes_in_use")
@@ -169,8 +194,11 @@ def jax_part(args, emit, deadline):
         packed = [v for v in packs if v in strategies]
         if packed:  # packed copies (new concatenated weights; the originals stay for the others)
             models["base-packed"] = pack_projections(nnx.merge(*nnx.split(models["base"])))
+            by_mode = {}  # variants of one packing mode share its packed model (they differ in BlockSizes only)
             for v in packed:
-                models[v] = pack_projections(nnx.merge(*nnx.split(meteora)), mode=packs[v])
+                if packs[v] not in by_mode:
+                    by_mode[packs[v]] = pack_projections(nnx.merge(*nnx.split(meteora)), mode=packs[v])
+                models[v] = by_mode[packs[v]]
         jax.block_until_ready((nnx.state(meteora), [nnx.state(m) for m in models.values()]))
         emit({"kind": "built", "shape": shape_name, "seconds": time.perf_counter() - t})
         variants = (["base"] + (["base-packed"] + packed if packed else [])
@@ -187,7 +215,8 @@ def jax_part(args, emit, deadline):
                     continue
                 steps = args.steps if v != "loop" else min(args.steps, 32)
                 try:
-                    sec, first = _time_decode(model_of(v), cfg, batch, steps, args, rng)
+                    with variant_blocks(v):
+                        sec, first = _time_decode(model_of(v), cfg, batch, steps, args, rng)
                     rec.update(steps=steps, seconds=sec, first_call_s=first, step_ms=1e3 * sec / (steps - 1),
                                tokens_per_s=batch * (steps - 1) / sec, peak_bytes=peak())
                 except Exception as e:  # a strategy that cannot run here: recorded, not fatal
@@ -203,11 +232,13 @@ def jax_part(args, emit, deadline):
                     continue
                 try:
                     if kind == "generate":
-                        sec, first, pre = _time_generate(model_of(v), cfg, args, rng)
+                        with variant_blocks(v):
+                            sec, first, pre = _time_generate(model_of(v), cfg, args, rng)
                         rec.update(prompt=args.prompt, new=args.steps, seconds=sec, first_call_s=first,
                                    tokens_per_s=args.steps / sec, prefill_s=pre, prefill_tokens_per_s=args.prompt / pre)
                     elif args.prefill_len:
-                        sec = _time_prefill(model_of(v), cfg, args.prefill_len, args, rng)
+                        with variant_blocks(v):
+                            sec = _time_prefill(model_of(v), cfg, args.prefill_len, args, rng)
                         rec.update(tokens=args.prefill_len, seconds=sec, tokens_per_s=args.prefill_len / sec)
                     else:
                         continue

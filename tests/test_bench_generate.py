@@ -17,8 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate.p
 def test_jax_part_runs_every_variant(tmp_path):
     out = tmp_path / "gen"
     cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--shapes", "tiny", "--batches", "1,2", "--strategies",
-           "dense,packed,packed-extended", "--experts", "3", "--rank", "2", "--prompt", "8", "--steps", "4",
-           "--prefill-len", "16", "--repeats", "1", "--parts", "jax", "--budget", "600",
+           "dense,packed,packed-extended,packed-extended-lowgate", "--experts", "3", "--rank", "2", "--prompt", "8",
+           "--steps", "4", "--prefill-len", "16", "--repeats", "1", "--parts", "jax", "--budget", "600",
            "--block-sizes", '{"routed_glu": true}']  # packed-extended decodes through the GLU expand
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=SCRIPT.parents[1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -27,7 +27,7 @@ def test_jax_part_runs_every_variant(tmp_path):
     assert res["meta"]["args"]["block_sizes"] == '{"routed_glu": true}'
     errors = [r for r in records if r.get("error") or r.get("kind") in ("error", "skipped")]
     assert not errors, errors
-    variants = {"base", "base-packed", "dense", "packed", "packed-extended"}
+    variants = {"base", "base-packed", "dense", "packed", "packed-extended", "packed-extended-lowgate"}
     decode = {(r["variant"], r["batch"]): r for r in records if r["kind"] == "decode"}
     assert set(decode) == {(v, b) for v in variants for b in (1, 2)}
     for r in decode.values():
@@ -36,6 +36,27 @@ def test_jax_part_runs_every_variant(tmp_path):
         assert {r["variant"] for r in records if r["kind"] == kind} == variants
     md = out.with_suffix(".md").read_text()
     assert "| tiny | packed |" in md and "| tiny | dense |" in md and "| tiny | packed-extended |" in md
+
+
+def test_variant_blocks_apply_while_timing_that_variant_only():
+    """`packed-extended-lowgate` is timed with `routed_z_low` on top of the defaults in effect (--block-sizes);
+    the others, and everything after, with those defaults unchanged."""
+    import importlib.util
+
+    from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+
+    spec = importlib.util.spec_from_file_location("bench_generate", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    set_default_block_sizes(BlockSizes(routed_glu=True))
+    try:
+        with bench.variant_blocks("packed-extended-lowgate"):
+            assert BlockSizes.get_default() == BlockSizes(routed_glu=True, routed_z_low=True)
+        assert BlockSizes.get_default() == BlockSizes(routed_glu=True)
+        with bench.variant_blocks("packed-extended"):
+            assert BlockSizes.get_default() == BlockSizes(routed_glu=True)
+    finally:
+        set_default_block_sizes(None)
 
 
 def test_bad_block_sizes_are_refused_before_any_run(tmp_path):
