@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import platform
@@ -146,22 +145,13 @@ def _time_prefill(model, cfg, length, args, rng):
 VARIANT_BLOCKS = {"packed-extended-lowgate": {"routed_z_low": True}}  # a variant's own BlockSizes fields
 
 
-@contextlib.contextmanager
 def variant_blocks(variant: str):
     """While timing `variant`: the kernels' defaults with its VARIANT_BLOCKS fields (over --block-sizes), then the
     defaults as they were."""
-    extra = VARIANT_BLOCKS.get(variant)
-    if not extra:
-        yield
-        return
-    from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
+    from kernels.meteora_pallas import block_sizes_with
 
-    before = BlockSizes.get_default()
-    set_default_block_sizes(dataclasses.replace(before, **extra))
-    try:
-        yield
-    finally:
-        set_default_block_sizes(before)
+    extra = VARIANT_BLOCKS.get(variant)
+    return block_sizes_with(**extra) if extra else contextlib.nullcontext()
 
 
 def jax_part(args, emit, deadline):

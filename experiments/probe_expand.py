@@ -225,9 +225,15 @@ def main(argv=None):
         p.error(f"--variants: unknown {bad}; expected some of {VARIANTS}")
     if args.launches < 1 or args.batch < 1:
         p.error("--launches and --batch must be at least 1")
-    result = {"command": " ".join(["python experiments/probe_expand.py", *(sys.argv[1:] if argv is None else argv)]),
+    return probe_result("probe_expand.py", argv, args, run(args), render)
+
+
+def probe_result(script: str, argv, args, records: list[dict], render) -> dict:
+    """A probe's result (command, device, arguments, records), also written to OUT.json and OUT.md (`render`)
+    when `args.out` is set. The probes share it."""
+    result = {"command": " ".join([f"python experiments/{script}", *(sys.argv[1:] if argv is None else argv)]),
               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "host": platform.node(),
-              "args": vars(args), "records": run(args)}
+              "args": vars(args), "records": records}
     if args.out:
         write_outputs(Path(args.out), {".json": json.dumps(result, indent=1), ".md": render(result)})
     return result

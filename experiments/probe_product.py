@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from bench_generate import SHAPES, write_outputs  # noqa: E402
-from probe_expand import groups, ldz_of  # noqa: E402
+from bench_generate import SHAPES  # noqa: E402
+from probe_expand import groups, ldz_of, probe_result, time_chain  # noqa: E402
 
 VARIANTS = ("base-bf16", "base-f32", "ext-f32", "ext-bf16", "ext-f32-nopad", "split")
 
@@ -70,34 +67,6 @@ def product_fn(name: str):
     return lambda x, w: (jnp.dot(x, w[0], preferred_element_type=out),)
 
 
-def chain_fn(fn):
-    """(x, [weights per layer]) -> every layer's outputs; each product ordered after the previous one by an
-    optimization barrier (no work at run time), so that XLA neither merges nor reorders them."""
-
-    def chain(x, layers):
-        outs = [fn(x, layers[0])]
-        for w in layers[1:]:
-            prev, w = jax.lax.optimization_barrier((outs[-1], w))
-            outs[-1] = prev
-            outs.append(fn(x, w))
-        return outs
-
-    return chain
-
-
-def time_chain(fn, x, layers, repeats: int) -> float:
-    """Median seconds of one call of the compiled chain (three calls queued back to back per timing)."""
-    chain = jax.jit(chain_fn(fn)).lower(x, layers).compile()
-    jax.block_until_ready(chain(x, layers))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = [chain(x, layers) for _ in range(3)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t0) / 3)
-    return float(np.median(times))
-
-
 def run(args) -> list[dict]:
     shape = SHAPES[args.shape]
     layers = args.layers or shape["num_hidden_layers"]
@@ -116,7 +85,8 @@ def run(args) -> list[dict]:
                 rec = {"shape": args.shape, "group": group, **dims, "variant": name, "batch": batch,
                        "layers": layers, "weight_bytes": nbytes}
                 try:
-                    sec = time_chain(product_fn(name), x, ws, args.repeats) / layers
+                    fn = product_fn(name)
+                    sec = time_chain(lambda w, fn=fn, x=x: fn(x, w), ws, args.repeats) / layers
                     rec["us_per_product"] = sec * 1e6
                     rec["gb_per_s"] = nbytes / sec / 1e9
                 except Exception as err:  # one variant failing must not lose the others
@@ -181,12 +151,7 @@ def main(argv=None):
         p.error(f"--batches: expected a comma list of integers, got {args.batches!r}")
     if min(args.batches) < 1 or args.layers < 0:
         p.error("--batches must be at least 1 and --layers at least 0")
-    result = {"command": " ".join(["python experiments/probe_product.py", *(sys.argv[1:] if argv is None else argv)]),
-              "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "host": platform.node(),
-              "args": vars(args), "records": run(args)}
-    if args.out:
-        write_outputs(Path(args.out), {".json": json.dumps(result, indent=1), ".md": render(result)})
-    return result
+    return probe_result("probe_product.py", argv, args, run(args), render)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ with `interpret=`, custom_vjp, and the pure-JAX reference at the bottom).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -147,6 +148,18 @@ def set_default_block_sizes(bs: BlockSizes | None) -> None:
     if (bs or BlockSizes()) != BlockSizes.get_default():  # new values: drop what was traced with the old
         jax.clear_caches()
     _DEFAULT_OVERRIDE[0] = bs
+
+
+@contextlib.contextmanager
+def block_sizes_with(**fields):
+    """Within the block: the default BlockSizes with `fields` replaced (`set_default_block_sizes`); after it, the
+    defaults as they were."""
+    before = _DEFAULT_OVERRIDE[0]
+    set_default_block_sizes(dataclasses.replace(BlockSizes.get_default(), **fields))
+    try:
+        yield
+    finally:
+        set_default_block_sizes(before)
 
 
 def _p2(n: int, lo: int = 16, hi: int | None = None) -> int:

@@ -601,16 +601,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.low_precision_gate and not args.pack:
         raise SystemExit("error: --low-precision-gate applies to packed decoding: add --pack")
     if args.low_precision_gate:
-        import dataclasses
+        from kernels.meteora_pallas import block_sizes_with
 
-        from kernels.meteora_pallas import BlockSizes, set_default_block_sizes
-
-        before = BlockSizes.get_default()
-        set_default_block_sizes(dataclasses.replace(before, routed_z_low=True))
-        try:
+        with block_sizes_with(routed_z_low=True):  # for this run only
             return _run(args, prompts, sampling, mesh)
-        finally:
-            set_default_block_sizes(before)
     return _run(args, prompts, sampling, mesh)
 
 

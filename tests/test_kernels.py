@@ -698,27 +698,18 @@ def test_routed_expand_lowers_to_triton(case):
     assert "meteora_routed_expand_z" in text
 
 
+@pytest.mark.parametrize("variant", ("dense_b", "bf16_z"))
 @pytest.mark.parametrize("glu", (False, True), ids=("expand", "glu"))
-def test_routed_dense_b_lowers_to_triton(glu):
-    """`BlockSizes.routed_dense_b` (B's tile loaded before the routing) compiles for Triton too."""
+def test_routed_expand_variants_lower_to_triton(glu, variant):
+    """`BlockSizes.routed_dense_b` (B's tile loaded before the routing) and a bf16 z (`BlockSizes.routed_z_low`)
+    compile for Triton too."""
     case = GLU_GPU[0] if glu else PACKED_GPU[0]
     _, _, _, _, b, s = packed_inputs(case, 0, abstract=True)
-    z = jax.ShapeDtypeStruct((case.n, case.ld + (2 + case.r) * len(case.spans) * case.e + 13), jnp.float32)
+    zdt, bs = (jnp.float32, DENSE_B) if variant == "dense_b" else (jnp.bfloat16, None)
+    z = jax.ShapeDtypeStruct((case.n, case.ld + (2 + case.r) * len(case.spans) * case.e + 13), zdt)
     fn = lambda z, b, s: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=2, top_k=case.k,  # noqa: E731
-                                                  temperature=case.temperature, glu=glu, block_sizes=DENSE_B,
+                                                  temperature=case.temperature, glu=glu, block_sizes=bs,
                                                   interpret=False)
-    text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
-    assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
-
-
-@pytest.mark.parametrize("glu", (False, True), ids=("expand", "glu"))
-def test_routed_expand_bf16_z_lowers_to_triton(glu):
-    """A bf16 z (`BlockSizes.routed_z_low`) compiles for Triton too."""
-    case = GLU_GPU[0] if glu else PACKED_GPU[0]
-    _, _, _, _, b, s = packed_inputs(case, 0, abstract=True)
-    z = jax.ShapeDtypeStruct((case.n, case.ld + (2 + case.r) * len(case.spans) * case.e + 13), jnp.bfloat16)
-    fn = lambda z, b, s: mp.meteora_routed_expand(z, b, s, case.spans, gate_parts=2, top_k=case.k,  # noqa: E731
-                                                  temperature=case.temperature, glu=glu, interpret=False)
     text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
     assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
 

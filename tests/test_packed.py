@@ -169,6 +169,16 @@ def test_packed_generate_and_trace_equal_unpacked(tiny_llama3, mode, block_sizes
     assert differ <= 0.005 * slots, f"seed {seed}: {differ} of {slots} expert slots differ"
 
 
+def fp32_and_bf16_models(kw, mcfg, seed):
+    """(fp32, bf16) MeteoRA models of LlamaConfig fields `kw` holding the same (bf16) weight values."""
+    f32 = MeteoraLlama(LlamaConfig(**kw, dtype="float32", param_dtype="float32"), mcfg, rngs=nnx.Rngs(seed))
+    bf = MeteoraLlama(LlamaConfig(**kw, dtype="bfloat16", param_dtype="bfloat16"), mcfg, rngs=nnx.Rngs(seed))
+    weights = jax.tree.map(lambda mine, v: v.astype(mine.dtype), nnx.state(bf), nnx.state(f32))
+    nnx.update(bf, weights)
+    nnx.update(f32, jax.tree.map(lambda v: v.astype(jnp.float32), weights))  # the same (bf16) values in fp32
+    return f32, bf
+
+
 @pytest.mark.parametrize("mode", ["auto", "extended"])
 def test_packed_bf16_as_close_to_fp32_as_unpacked(mode):
     """In bf16 both paths round, in different orders: the packed one is about as far from the fp32 result as the
@@ -181,11 +191,7 @@ def test_packed_bf16_as_close_to_fp32_as_unpacked(mode):
               num_key_value_heads=2, head_dim=16)
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(5)), 4, forced_expert=2)  # forced: no bf16 routing ties
     seed = int(np.random.default_rng().integers(1 << 30))
-    f32 = MeteoraLlama(LlamaConfig(**kw, dtype="float32", param_dtype="float32"), mcfg, rngs=nnx.Rngs(seed))
-    bf = MeteoraLlama(LlamaConfig(**kw, dtype="bfloat16", param_dtype="bfloat16"), mcfg, rngs=nnx.Rngs(seed))
-    weights = jax.tree.map(lambda mine, v: v.astype(mine.dtype), nnx.state(bf), nnx.state(f32))
-    nnx.update(bf, weights)
-    nnx.update(f32, jax.tree.map(lambda v: v.astype(jnp.float32), weights))  # the same (bf16) values in fp32
+    f32, bf = fp32_and_bf16_models(kw, mcfg, seed)
     packed = pack_projections(copy(bf), mode=mode)
     tokens = jax.random.randint(jax.random.key(seed), (2, 11), 0, kw["vocab_size"])
     ref, unpacked, got = (np.asarray(m(tokens).logits) for m in (f32, bf, packed))
@@ -305,11 +311,7 @@ def test_z_low_decodes_from_a_bf16_product_as_close_as_unpacked(monkeypatch, blo
               num_key_value_heads=2, head_dim=16)
     mcfg = MeteoraConfig(tuple(f"t{i}" for i in range(4)), 4, top_k=4, temperature=1.5)
     seed = int(np.random.default_rng().integers(1 << 30))
-    f32 = MeteoraLlama(LlamaConfig(**kw, dtype="float32", param_dtype="float32"), mcfg, rngs=nnx.Rngs(seed))
-    bf = MeteoraLlama(LlamaConfig(**kw, dtype="bfloat16", param_dtype="bfloat16"), mcfg, rngs=nnx.Rngs(seed))
-    weights = jax.tree.map(lambda mine, v: v.astype(mine.dtype), nnx.state(bf), nnx.state(f32))
-    nnx.update(bf, weights)
-    nnx.update(f32, jax.tree.map(lambda v: v.astype(jnp.float32), weights))  # the same (bf16) values in fp32
+    f32, bf = fp32_and_bf16_models(kw, mcfg, seed)
     packed = pack_projections(copy(bf), mode="extended")
     tokens = jax.random.randint(jax.random.key(seed), (2, 5), 0, kw["vocab_size"])  # 10 tokens: the decode launch
     for low in (False, True):

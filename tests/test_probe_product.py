@@ -67,13 +67,16 @@ def test_variants_multiply_by_what_they_claim(probe):
 
 
 def test_chain_keeps_every_product(probe):
+    """The products chained as `run` times them (probe_expand's chain, one product per layer's weights)."""
+    from experiments import probe_expand
+
     x = jnp.ones((2, 8), jnp.float32)
     layers = [(jnp.full((8, 4), float(i), jnp.float32),) for i in range(3)]
     fn = probe.product_fn("ext-f32")
-    chain = jax.jit(probe.chain_fn(fn))
-    outs = chain(x, layers)
+    chain = jax.jit(probe_expand.chain_fn(lambda w: fn(x, w)))
+    outs = chain(layers)
     assert [float(o[0][0, 0]) for o in outs] == [0.0, 8.0, 16.0]
-    assert chain.lower(x, layers).as_text().count("optimization_barrier") == 2
+    assert chain.lower(layers).as_text().count("optimization_barrier") == 2
 
 
 
