@@ -73,7 +73,6 @@ def _decode_runner(model, cfg, batch, steps, args, rng):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from meteora_jax import generate as gen
 
@@ -84,7 +83,7 @@ def _decode_runner(model, cfg, batch, steps, args, rng):
     kv = jnp.asarray(rng.normal(0, 1, (batch, tp + buf, cfg.num_key_value_heads, cfg.head_dim)), jnp.bfloat16)
     valid = jnp.asarray(np.arange(tp + buf)[None].repeat(batch, 0) < p)
     first = jnp.asarray(rng.integers(0, cfg.vocab_size, batch), jnp.int32)
-    graphdef, state = nnx.split(model)
+    treedef, leaves = gen.flat_model(model)
     layers = cfg.num_hidden_layers
 
     def cache():
@@ -97,10 +96,10 @@ def _decode_runner(model, cfg, batch, steps, args, rng):
                 jnp.float32(1), jnp.float32(1), rule, jnp.int32(steps), jnp.int32(0), jnp.int32(0), None)
 
     t0 = time.perf_counter()
-    compiled = gen._decode.lower(graphdef, state, cache(), *rest(), static=static).compile()
+    compiled = gen._decode.lower(treedef, leaves, cache(), *rest(), static=static).compile()
 
     def run():
-        out = compiled(state, cache(), *rest())
+        out = compiled(leaves, cache(), *rest())
         return int(out[3])
 
     did = run()
@@ -117,25 +116,32 @@ def _time_generate(model, cfg, args, rng):
     t0 = time.perf_counter()
     call()
     first_call = time.perf_counter() - t0
-    res = []
-    sec = _median_time(lambda: res.append(call()), args.repeats)
+    totals, res = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        res.append(call())
+        totals.append(time.perf_counter() - t)
     assert len(res[-1].tokens[0]) == args.steps
-    return sec, first_call, min(r.timings["prefill_s"] for r in res)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    parts = {"prefill_s": min(r.timings["prefill_s"] for r in res),  # as before: the fastest prefill
+             "decode_s": med([r.timings["decode_s"] for r in res]),  # the while loop, its dispatch and readback
+             "other_s": med([t - r.timings["prefill_s"] - r.timings["decode_s"]  # host work around them
+                             for t, r in zip(totals, res, strict=True)])}
+    return med(totals), first_call, parts
 
 
 def _time_prefill(model, cfg, length, args, rng):
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from meteora_jax import generate as gen
 
     st = gen._Static(True, 0, False, False, False, 16, length + 16)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, length)), jnp.int32)
     mask = jnp.ones((1, length), bool)
-    g, s = nnx.split(model)
+    td, leaves = gen.flat_model(model)
     rule = gen._stop_rule(cfg.vocab_size, [], [], [])
-    call = lambda: jax.block_until_ready(gen._prefill(g, s, toks, mask, jax.random.key(0), jnp.float32(1),
+    call = lambda: jax.block_until_ready(gen._prefill(td, leaves, toks, mask, jax.random.key(0), jnp.float32(1),
                                                       jnp.float32(1), rule, jnp.int32(8), jnp.int32(0), None,
                                                       static=st))
     call()
@@ -223,9 +229,10 @@ def jax_part(args, emit, deadline):
                 try:
                     if kind == "generate":
                         with variant_blocks(v):
-                            sec, first, pre = _time_generate(model_of(v), cfg, args, rng)
+                            sec, first, parts = _time_generate(model_of(v), cfg, args, rng)
                         rec.update(prompt=args.prompt, new=args.steps, seconds=sec, first_call_s=first,
-                                   tokens_per_s=args.steps / sec, prefill_s=pre, prefill_tokens_per_s=args.prompt / pre)
+                                   tokens_per_s=args.steps / sec, **parts,
+                                   prefill_tokens_per_s=args.prompt / parts["prefill_s"])
                     elif args.prefill_len:
                         with variant_blocks(v):
                             sec = _time_prefill(model_of(v), cfg, args.prefill_len, args, rng)
@@ -492,17 +499,19 @@ def render_md(meta, records):
                      f"{peak / 2**30:.1f} GiB.")
     e2e = [r for r in records if r["kind"] in ("generate", "hf_generate", "prefill") and "error" not in r]
     lines += ["", "## Batch 1, end to end `generate` (prompt in, new tokens out) and prefill", "",
-              "| shape | who | variant | prompt + new | new tokens/s | prefill tokens/s | first call s (compile) "
-              "| peak GiB |", "|---|---|---|---|---|---|---|---|"]
+              "| shape | who | variant | prompt + new | new tokens/s | prefill tokens/s | decode ms per step, rest ms "
+              "| first call s (compile) | peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in e2e:
         who = "transformers" if r["kind"] == "hf_generate" else "ours"
         peak = _fmt((r.get("peak_bytes") or 0) / 2**30 or None)
         if r["kind"] == "prefill":
             lines.append(f"| {r['shape']} | ours | {r['variant']} (prefill only) | {r['tokens']} + 0 | - | "
-                         f"{_fmt(r['tokens_per_s'], 0)} | - | - |")
+                         f"{_fmt(r['tokens_per_s'], 0)} | - | - | - |")
         else:
+            split = "-" if "decode_s" not in r else (  # generate()'s own split of its time (later records)
+                f"{1e3 * r['decode_s'] / max(r['new'] - 1, 1):.2f}, {1e3 * r['other_s']:.1f}")
             lines.append(f"| {r['shape']} | {who} | {r['variant']} | {r['prompt']} + {r['new']} | "
-                         f"{_fmt(r['tokens_per_s'])} | {_fmt(r.get('prefill_tokens_per_s'), 0)} | "
+                         f"{_fmt(r['tokens_per_s'])} | {_fmt(r.get('prefill_tokens_per_s'), 0)} | {split} | "
                          f"{_fmt(r.get('first_call_s'), 1)} | {peak} |")
     lines += ["", "## Targets (issue 6)", ""] + targets(records)
     done = {(r["kind"], r.get("shape"), r.get("variant"), r.get("batch")) for r in records if "seconds" in r}

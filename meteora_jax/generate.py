@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -153,10 +153,19 @@ def _mask_stops(logits: jax.Array, rule: _StopRule, on: jax.Array) -> jax.Array:
     return jnp.where(on & rule.token_mask, -jnp.inf, logits)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "static"))
-def _prefill(graphdef, state, tokens, mask, key, temperature, top_p, rule, max_new, min_new, forced, *,
+def flat_model(model: Llama) -> tuple[Any, list]:
+    """`(treedef, leaves)`: the model as the jitted programs take it. NNX modules are pytrees, so one
+    `jax.tree.flatten` gives every array and a treedef that holds the structure and every static attribute
+    (routing options included: changing one compiles anew). Per `generate` call this costs a few ms where
+    `nnx.split` and hashing its GraphDef for the jit cache cost tens on a GPU host."""
+    leaves, treedef = jax.tree.flatten(model)
+    return treedef, leaves
+
+
+@partial(jax.jit, static_argnames=("treedef", "static"))
+def _prefill(treedef, leaves, tokens, mask, key, temperature, top_p, rule, max_new, min_new, forced, *,
              static: _Static):
-    model = nnx.merge(graphdef, state)
+    model = jax.tree.unflatten(treedef, leaves)
     cache = init_cache(model.config, tokens.shape[0], static.cache_len)
     out = model(tokens, mask, cache=cache, forced_experts=forced)
     logits = out.logits[:, -1]
@@ -180,10 +189,10 @@ def _stream_sink(step, tokens, active):
         fn(int(step), np.asarray(tokens), np.asarray(active))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "static"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache: KVCache, first, done, recent, key, temperature, top_p, rule, max_new, pad_id,
+@partial(jax.jit, static_argnames=("treedef", "static"), donate_argnames=("cache",))
+def _decode(treedef, leaves, cache: KVCache, first, done, recent, key, temperature, top_p, rule, max_new, pad_id,
             min_new, forced, *, static: _Static):
-    model = nnx.merge(graphdef, state)
+    model = jax.tree.unflatten(treedef, leaves)
     b, n = first.shape[0], static.buffer
     out = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
     lengths = jnp.ones((b,), jnp.int32)
@@ -316,16 +325,18 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                      buf, tp + buf, min_new_tokens > 0)
     eos = default_eos(model) if eos_token_ids is None else tuple(eos_token_ids)
     rule = _stop_rule(model.config.vocab_size, eos, stop_token_ids, stop_sequences)
-    graphdef, state = nnx.split(model)
     tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
+        graphdef, state = nnx.split(model)
         state, (tokens, mask) = _place_on_mesh(state, (tokens, mask), mesh)
+        model = nnx.merge(graphdef, state)  # the same model on the mesh (the caller's stays where it is)
+    treedef, leaves = flat_model(model)
     key = jax.random.key(sampling.seed)
     temp, top_p = jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p)
     pad_id = jnp.int32(model.config.pad_token_id if model.config.pad_token_id is not None else (eos or (0,))[0])
     max_new, min_new = jnp.int32(max_new_tokens), jnp.int32(min_new_tokens)
     t0 = time.perf_counter()
-    first, done, recent, cache, ptrace = _prefill(graphdef, state, tokens, mask, key, temp,
+    first, done, recent, cache, ptrace = _prefill(treedef, leaves, tokens, mask, key, temp,
                                                   top_p, rule, max_new, min_new, forced, static=static)
     jax.block_until_ready(first)
     with _STREAM_LOCK, warnings.catch_warnings():
@@ -335,7 +346,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             _STREAM["fn"] = on_token
         t1 = time.perf_counter()
         try:
-            out, lengths, gtrace, steps = _decode(graphdef, state, cache, first, done, recent, key, temp, top_p,
+            out, lengths, gtrace, steps = _decode(treedef, leaves, cache, first, done, recent, key, temp, top_p,
                                                   rule, max_new, pad_id, min_new, forced, static=static)
             out, lengths = np.asarray(out), np.asarray(lengths)
             if on_token is not None:

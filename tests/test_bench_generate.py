@@ -34,7 +34,12 @@ def test_jax_part_runs_every_variant(tmp_path):
         assert r["steps"] == 4 and r["step_ms"] > 0 and r["tokens_per_s"] > 0
     for kind in ("generate", "prefill"):
         assert {r["variant"] for r in records if r["kind"] == kind} == variants
+    for r in records:
+        if r["kind"] == "generate":  # generate()'s time split into prefill, the decode loop and the rest
+            assert r["prefill_s"] > 0 and r["decode_s"] > 0 and 0 <= r["other_s"] < r["seconds"], r
+            assert r["prefill_s"] + r["decode_s"] < r["seconds"] * 1.5, r
     md = out.with_suffix(".md").read_text()
+    assert "decode ms per step, rest ms" in md
     assert "| tiny | packed |" in md and "| tiny | dense |" in md and "| tiny | packed-extended |" in md
 
 

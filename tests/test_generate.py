@@ -396,3 +396,35 @@ def test_nnx_model_unchanged_by_generation(tiny_llama3):
     gen.generate(model, PROMPTS, max_new_tokens=4, trace=True)
     after = jax.tree.map(np.asarray, nnx.state(model))
     jax.tree.map(np.testing.assert_array_equal, before, after)
+
+
+def _greedy_by_full_forward(model, prompt, n):
+    """Greedy tokens from full forwards over the whole sequence (no cache, no jit): the reference."""
+    toks = list(prompt)
+    for _ in range(n):
+        logits = model(jnp.asarray([toks]), jnp.ones((1, len(toks)), bool)).logits
+        toks.append(int(jnp.argmax(logits[0, -1])))
+    return toks[len(prompt):]
+
+
+def test_repeated_calls_reuse_programs_and_see_changed_weights(tiny_llama3):
+    """`generate` hands the model to its jitted programs as a flattened pytree: a second call on the same model
+    compiles nothing, weights replaced in place are seen by the next call (still without compiling), and a
+    changed routing option (a static attribute) compiles anew and is obeyed."""
+    model = random_meteora(tiny_llama3[0], seed=4, top_k=2)
+    rng = np.random.default_rng()
+    prompt = rng.integers(1, 128, size=5).tolist()
+    first = gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[])
+    assert first.tokens[0] == _greedy_by_full_forward(model, prompt, 6)
+    sizes = (gen._prefill._cache_size(), gen._decode._cache_size())
+    assert gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[]).tokens == first.tokens
+    emb = model.embed_tokens.embedding
+    emb.value = jnp.asarray(rng.normal(0, 1.0, emb.value.shape), emb.value.dtype)  # new weights, same structure
+    again = gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[])
+    assert (gen._prefill._cache_size(), gen._decode._cache_size()) == sizes  # nothing compiled since the first
+    assert again.tokens[0] == _greedy_by_full_forward(model, prompt, 6) != first.tokens[0]
+    set_routing(model, forced_expert=2)
+    forced = gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[], trace=True)
+    assert gen._decode._cache_size() > sizes[1]
+    assert forced.tokens[0] == _greedy_by_full_forward(model, prompt, 6)
+    assert all((e == 2).all() for e in forced.trace.experts)
