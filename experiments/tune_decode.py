@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES, _decode_runner, _err, _median_time, write_outputs  # noqa: E402
+from bench_generate import SHAPES, _decode_runner, _err, median_run, write_outputs  # noqa: E402
 
 CONFIGS = (
     {},
@@ -121,12 +121,12 @@ def main(argv=None) -> int:
             if i and time.time() - start > args.budget:
                 meta.setdefault("rounds_cut", {})[str(batch)] = i  # the rounds that ran, the budget spent
                 break
-            base_ms.append(per_step(_median_time(base_run, args.repeats)))
+            base_ms.append(per_step(median_run(base_run, args.repeats)))
             for rec, run in runs:
                 if "error" in rec:
                     continue
                 try:  # its ms per step, one per round
-                    rec.setdefault("round_ms", []).append(per_step(_median_time(run, args.repeats)))
+                    rec.setdefault("round_ms", []).append(per_step(median_run(run, args.repeats)))
                 except Exception as e:
                     rec["error"] = _err(e)
         records.append({"batch": batch, "variant": "base-packed", "step_ms": float(np.median(base_ms)),

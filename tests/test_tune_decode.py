@@ -27,7 +27,7 @@ def load():
 def fake_decode(monkeypatch, tune, drift=None):
     """Stand-ins for the compiled decode loops: each `_decode_runner` call notes the block sizes in effect (what
     the loop would be compiled with) and returns a `run` whose 'seconds' are fixed per loop, times `drift(round)`
-    when given (a machine that gets slower or faster between rounds); `_median_time` returns what run returns."""
+    when given (a machine that gets slower or faster between rounds); `median_run` returns what run returns."""
     rng = np.random.default_rng()
     compiled, fake, calls = [], {}, []
 
@@ -45,7 +45,7 @@ def fake_decode(monkeypatch, tune, drift=None):
         return run, 1.0
 
     monkeypatch.setattr(tune, "_decode_runner", runner)
-    monkeypatch.setattr(tune, "_median_time", lambda fn, repeats: fn())
+    monkeypatch.setattr(tune, "median_run", lambda fn, repeats: fn())
     return compiled, fake, calls
 
 
