@@ -46,13 +46,24 @@ SHAPES = {
 }
 
 
+def _median(xs):
+    """The median of a non-empty list (the upper one of an even count)."""
+    return sorted(xs)[len(xs) // 2]
+
+
 def _median_time(fn, repeats):
+    """The median seconds of `repeats` calls of `fn()`."""
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return _median(times)
+
+
+def median_run(run, repeats):
+    """The median of `repeats` calls of `run()`, each returning its own seconds (a `_decode_runner` run)."""
+    return _median([run() for _ in range(repeats)])
 
 
 # ------------------------------------------------------------------------------------------- JAX part
@@ -64,11 +75,6 @@ def _time_decode(model, cfg, batch, steps, args, rng):
     """Median seconds of `_decode` for `steps` tokens after `args.prompt` cached ones (random k/v)."""
     run, first_call = _decode_runner(model, cfg, batch, steps, args, rng)
     return median_run(run, args.repeats), first_call
-
-
-def median_run(run, repeats):
-    """The median of `repeats` calls of `run()`, each returning its own seconds (a `_decode_runner` run)."""
-    return sorted(run() for _ in range(repeats))[repeats // 2]
 
 
 def _decode_runner(model, cfg, batch, steps, args, rng):
@@ -132,12 +138,11 @@ def _time_generate(model, cfg, args, rng):
         res.append(call())
         totals.append(time.perf_counter() - t)
     assert len(res[-1].tokens[0]) == args.steps
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     parts = {"prefill_s": min(r.timings["prefill_s"] for r in res),  # as before: the fastest prefill
-             "decode_s": med([r.timings["decode_s"] for r in res]),  # the while loop, its dispatch and readback
-             "other_s": med([t - r.timings["prefill_s"] - r.timings["decode_s"]  # host work around them
-                             for t, r in zip(totals, res, strict=True)])}
-    return med(totals), first_call, parts
+             "decode_s": _median([r.timings["decode_s"] for r in res]),  # the while loop, its dispatch and readback
+             "other_s": _median([t - r.timings["prefill_s"] - r.timings["decode_s"]  # host work around them
+                                 for t, r in zip(totals, res, strict=True)])}
+    return _median(totals), first_call, parts
 
 
 def _time_prefill(model, cfg, length, args, rng):
