@@ -97,7 +97,8 @@ class BlockSizes:
     # mode extended, decode: the product x @ [W | G | A] gives z in the model's compute dtype (bf16 for a bf16
     # model) instead of f32: Llama-3-8B shapes at batch 1 on the H100 decode in 1.15x the packed base's step
     # instead of 1.26x (experiments/results/decode_product). But the gate logits are then rounded to bf16 (about
-    # 3 significant digits), so near-ties can route differently from the unpacked model's f32 logits: opt-in
+    # 3 significant digits), so near-ties can route differently from the unpacked model's f32 logits: opt-in.
+    # (The PyTorch original's gate is cast to the model's dtype, so its bf16 models route on bf16 logits too.)
     routed_z_low: bool = False
     gemv_max_tokens: int = 64  # `meteora_gemv` (base product + adapter term in one launch) takes N <= this
     gemv_dense_from: int = 2  # ... and from this many tokens shrinks every expert with tensor-core tiles

@@ -527,8 +527,9 @@ def build_parser():
                    "product's outputs, gate logits included, come in the model's dtype (bf16), not float32 "
                    "(BlockSizes.routed_z_low). Faster: Llama-3-8B shapes on an H100 decode at batch 1 in 1.15x the "
                    "packed base model's step instead of 1.26x (experiments/results/decode_product). The routing can "
-                   "then differ from float32 logits where two experts' logits nearly tie. No effect for a float32 "
-                   "model, nor where packing folds the adapters (a CPU without --strategy fused)")
+                   "then differ from float32 logits where two experts' logits nearly tie (the PyTorch original "
+                   "routes a bf16 model on bf16 logits too). No effect for a float32 model, nor where packing folds "
+                   "the adapters (a CPU without --strategy fused)")
     r.add_argument("--routing-top-k", type=int, help="experts per token (k)")
     r.add_argument("--routing-temperature", type=float, help="softmax temperature T of the chosen experts' weights")
     r.add_argument("--expert", nargs="+", metavar="NAME",
