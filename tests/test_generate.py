@@ -419,10 +419,15 @@ def test_repeated_calls_reuse_programs_and_see_changed_weights(tiny_llama3):
     sizes = (gen._prefill._cache_size(), gen._decode._cache_size())
     assert gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[]).tokens == first.tokens
     emb = model.embed_tokens.embedding
-    emb.value = jnp.asarray(rng.normal(0, 1.0, emb.value.shape), emb.value.dtype)  # new weights, same structure
+    for _ in range(5):  # new weights, same structure, that change the greedy tokens (so the check can tell)
+        emb.value = jnp.asarray(rng.normal(0, 1.0, emb.value.shape), emb.value.dtype)
+        want = _greedy_by_full_forward(model, prompt, 6)
+        if want != first.tokens[0]:
+            break
+    assert want != first.tokens[0]
     again = gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[])
     assert (gen._prefill._cache_size(), gen._decode._cache_size()) == sizes  # nothing compiled since the first
-    assert again.tokens[0] == _greedy_by_full_forward(model, prompt, 6) != first.tokens[0]
+    assert again.tokens[0] == want
     set_routing(model, forced_expert=2)
     forced = gen.generate(model, [prompt], max_new_tokens=6, eos_token_ids=[], trace=True)
     assert gen._decode._cache_size() > sizes[1]
