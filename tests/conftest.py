@@ -100,3 +100,19 @@ def assert_rel_close(ours, ref, mask, rtol):
     err = np.abs(ours - ref).max()
     scale = np.abs(ref).max()
     assert err <= rtol * scale, f"max abs err {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def one_layer_extended(shape: dict, experts: int, rank: int) -> dict:
+    """A one-layer bf16 MeteoraLlama of `shape` (a bench SHAPES entry), packed in mode `extended`: its packed
+    projections by group name (`qkv`, `o`, `gate_up`, `down`, in `meteora_jax.packed.GROUPS` order)."""
+    from flax import nnx
+
+    from meteora_jax.config import LlamaConfig
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama
+    from meteora_jax.packed import GROUPS, pack_projections
+
+    cfg = LlamaConfig(**dict(shape, num_hidden_layers=1, vocab_size=64), dtype="bfloat16", param_dtype="bfloat16")
+    model = pack_projections(MeteoraLlama(cfg, MeteoraConfig(tuple(f"e{i}" for i in range(experts)), rank),
+                                          rngs=nnx.Rngs(0)), mode="extended")
+    layer = model.layers[0]
+    return {attr.removeprefix("packed_"): getattr(getattr(layer, part), attr) for part, attr, _ in GROUPS}

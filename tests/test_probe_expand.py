@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import one_layer_extended
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,20 +27,8 @@ def probe():
 
 @pytest.mark.parametrize("shape", ("tiny", "smollm2"))
 def test_groups_and_z_layout_are_the_packed_models(probe, shape):
-    from flax import nnx
-
-    from meteora_jax.config import LlamaConfig
-    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama
-    from meteora_jax.packed import pack_projections
-
-    dims = dict(probe.SHAPES[shape], num_hidden_layers=1, vocab_size=64)
-    cfg = LlamaConfig(**dims, dtype="bfloat16", param_dtype="bfloat16")
     e, r = 5, 3
-    model = pack_projections(MeteoraLlama(cfg, MeteoraConfig(tuple(f"e{i}" for i in range(e)), r),
-                                          rngs=nnx.Rngs(0)), mode="extended")
-    layer = model.layers[0]
-    packed = {"qkv": layer.self_attn.packed_qkv, "o": layer.self_attn.packed_o,
-              "gate_up": layer.mlp.packed_gate_up, "down": layer.mlp.packed_down}
+    packed = one_layer_extended(probe.SHAPES[shape], e, r)
     want = probe.groups(probe.SHAPES[shape])
     assert list(want) == list(packed)
     for name, proj in packed.items():
