@@ -100,7 +100,7 @@ def pallas_empty(z, interpret: bool):
 def variant_fn(name: str, spans, b, scaling, *, k: int, interpret: bool):
     """z -> that variant's output for one group."""
     ld = b.shape[1]
-    bn = mp.BlockSizes.get_default().routed_block_out
+    bn = mp.BlockSizes.get_default().routed_out_block(ld)
     programs = mp.Members(scaling.shape[1], b.shape[0] // scaling.shape[1], spans, ld).tile_starts(bn)[-1]
     if name == "xla-copy":
         return lambda z: z[:, :ld].astype(jnp.bfloat16)

@@ -82,10 +82,15 @@ class BlockSizes:
     routed_max_tokens: int = 16  # the MeteoRA linear runs gate + adapter term in two launches for N <= this
     routed_block_in: int = 64  # routed shrink: D rows per step
     routed_splits: int = 256  # routed shrink: at most this many programs (each adds its D range atomically)
-    routed_block_out: int = 128  # routed expand: output columns per program
+    # routed expand: output columns per program. None: 128 in the routed pair; in the packed decode expand
+    # (`meteora_routed_expand`) 32 for a group of fewer than 4096 output columns, else 128 (H100 decode loops:
+    # SmolLM2's step 1.47x the packed base's at 32 against 1.54x at 128; Llama-3-8B's 1.27x at 64 and 128, 1.28x at
+    # 32; experiments/results/compile_and_blocks)
+    routed_block_out: int | None = None
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
     routed_one_launch: bool = False  # shrink and expand in one launch, the expand waiting on a counter
+    routed_warps: int | None = None  # warps per program of the routed shrink / expand; None: 4 for <= 16 tokens, else 8
     # packed gate/up, mode extended, decode: the expand writes silu(gate) * up (`meteora_routed_expand(glu=True)`),
     # one launch less per layer; off: no faster in the H100's decode loop (experiments/results/decode_glu)
     routed_glu: bool = False
@@ -135,6 +140,15 @@ class BlockSizes:
     def warps(self, bm: int, bn: int) -> int:
         return self.num_warps or (8 if bm * bn >= 64 * 256 else 4)
 
+    def routed_out_block(self, ld: int | None = None) -> int:
+        """Output columns per program of the routed expand: of the packed decode expand for a group of `ld` output
+        columns, or of the routed pair (`ld` None)."""
+        return self.routed_block_out or (32 if ld is not None and ld < 4096 else 128)
+
+    def routed_warps_for(self, bm: int) -> int:
+        """Warps per program of the routed kernels for a token block of `bm` rows."""
+        return self.routed_warps or (4 if bm <= 16 else 8)
+
 
 _DEFAULT_OVERRIDE: list[BlockSizes | None] = [None]
 
@@ -166,6 +180,52 @@ def block_sizes_with(**fields):
 def _p2(n: int, lo: int = 16, hi: int | None = None) -> int:
     v = max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
     return min(v, hi) if hi is not None else v
+
+
+# ------------------------------------------------------------------------------------------------ launches
+# Every kernel launch goes through `_launch`: one jitted function whose static arguments are the kernel (a
+# functools.partial of a module-level kernel) and the pallas_call's settings. A model launches the same kernel at
+# the same shapes in each of its layers; through one jitted function, JAX traces those launches once and lowers
+# them once per program (a call of one shared function), instead of once per layer. The Triton lowering alone
+# takes tens of ms per launch: SmolLM2's packed decode loop has 120 launches.
+
+class _Frozen(tuple):
+    """A dict, or a functools.partial without positional arguments, as a hashable value (`_freeze`)."""
+
+
+def _freeze(v):
+    if isinstance(v, dict):
+        return _Frozen(("dict", tuple((k, _freeze(x)) for k, x in sorted(v.items()))))
+    if isinstance(v, functools.partial) and not v.args:
+        return _Frozen(("partial", v.func, _freeze(v.keywords)))
+    return v
+
+
+def _thaw(v):
+    if isinstance(v, _Frozen):
+        return {k: _thaw(x) for k, x in v[1]} if v[0] == "dict" else functools.partial(v[1], **_thaw(v[2]))
+    return v
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _launch_jit(kernel, settings, *args):
+    return pl.pallas_call(_thaw(kernel), **_thaw(settings))(*args)
+
+
+def _launch(kernel, args, **settings):
+    """`pl.pallas_call(kernel, **settings)(*args)`, traced and lowered once per kernel, settings and argument
+    shapes (see above); a kernel or setting that cannot be hashed is launched on its own."""
+    key = _freeze(kernel), _freeze(settings)
+    try:
+        hash(key)
+    except TypeError:
+        return pl.pallas_call(kernel, **settings)(*args)
+    return _launch_jit(*key, *args)
+
+
+def _zeroed_out(*refs, kernel):
+    """`kernel` for a launch whose last input is a zeroed buffer aliased to its output: that input's ref dropped."""
+    return kernel(*refs[:-2], refs[-1])
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -366,13 +426,11 @@ def _matmul(lhs_arr, rhs_arr, *, m, n, kdim, lhs, rhs, out, out_dtype, dtype, bm
         out_dtype = jnp.float32
         args.append(jnp.zeros((m * n,), out_dtype))
         aliases = {len(args) - 1: 0}
-        inner = kernel
-        kernel = lambda *refs: inner(*refs[:-2], refs[-1])  # the zeroed input aliases the output ref
-    return pl.pallas_call(
-        kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((m * n,), out_dtype), input_output_aliases=aliases,
+        kernel = functools.partial(_zeroed_out, kernel=kernel)  # the zeroed input aliases the output ref
+    return _launch(
+        kernel, args, grid=grid, out_shape=jax.ShapeDtypeStruct((m * n,), out_dtype), input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret, name=name,
-    )(*args)
+        interpret=interpret, name=name)
 
 
 # -------------------------------------------------------------------------------------------- decode
@@ -413,11 +471,11 @@ def _decode(x, a, b, scaling, experts, weights, bs: BlockSizes, interpret: bool)
     kernel = functools.partial(_decode_kernel, n_tok=n_tok, d=d, r=r, o=o, k=k, pp=pp, rp=rp, bn=bn, bk=bk,
                                interpret=interpret)
     experts, weights, scaling = _routing(experts, weights, scaling)
-    out = pl.pallas_call(
-        kernel, grid=(pl.cdiv(o, bn),), out_shape=jax.ShapeDtypeStruct((n_tok * o,), x.dtype),
+    out = _launch(
+        kernel, [x.reshape(-1), a.reshape(-1), b.reshape(-1), scaling, experts, weights], grid=(pl.cdiv(o, bn),),
+        out_shape=jax.ShapeDtypeStruct((n_tok * o,), x.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=bs.decode_warps, num_stages=bs.num_stages),
-        interpret=interpret, name="meteora_decode",
-    )(x.reshape(-1), a.reshape(-1), b.reshape(-1), scaling, experts, weights)
+        interpret=interpret, name="meteora_decode")
     return out.reshape(n_tok, o)
 
 
@@ -926,12 +984,12 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     gblocks = pl.cdiv(gc, bg) if gated else 0
     atomic = programs > 1
     k = spec.top_k if gated else experts.shape[-1]
-    bn = bs.routed_block_out
+    bn = bs.routed_out_block()
     shrink_kw = dict(n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, bg=bg, chunks=chunks, ablocks=ablocks,
                      a_layout=a_layout, gate=gated, atomic=atomic, dtype=x.dtype, interpret=interpret)
     expand_kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16), cp=_p2(e * r, 16), gc=gc, spec=spec,
                      dtype=x.dtype, interpret=interpret)
-    params = plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2)
+    params = plgpu.CompilerParams(num_warps=bs.routed_warps_for(bm), num_stages=2)
     size = n * (gc + c)
     head = [x.reshape(-1), (gate if gated else jnp.zeros((1,), f32)).reshape(-1), a.reshape(-1)]
     given = [] if gated else [experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(f32)]
@@ -947,27 +1005,25 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
             aliases[len(args) - 2] = 0
         one = functools.partial(_routed_one_kernel, n_shrink=n_shrink, nblocks=ablocks + gblocks, cnt=size,
                                 has_y=y is not None, shrink_kw=shrink_kw, expand_kw=expand_kw, interpret=interpret)
-        outs = pl.pallas_call(
-            one, grid=(n_shrink + tiles,), input_output_aliases=aliases, compiler_params=params,
+        outs = _launch(
+            one, args, grid=(n_shrink + tiles,), input_output_aliases=aliases, compiler_params=params,
             out_shape=(jax.ShapeDtypeStruct((n * mem.ld,), out_dtype), jax.ShapeDtypeStruct((size + 1,), f32),
                        *(routing_shapes if gated else [])),
-            interpret=interpret, name="meteora_routed_one",
-        )(*args)
+            interpret=interpret, name="meteora_routed_one")
         out, buf, routing = outs[0].reshape(n, mem.ld), outs[1], outs[2:]
     else:
-        buf = pl.pallas_call(
-            functools.partial(_routed_shrink_kernel, **shrink_kw), grid=(programs, ablocks + gblocks),
+        buf = _launch(
+            functools.partial(_routed_shrink_kernel, **shrink_kw), head + ([jnp.zeros((size,), f32)] if atomic else []),
+            grid=(programs, ablocks + gblocks),
             out_shape=jax.ShapeDtypeStruct((size,), f32), input_output_aliases={3: 0} if atomic else {},
-            compiler_params=params, interpret=interpret, name="meteora_routed_shrink",
-        )(*head, *([jnp.zeros((size,), f32)] if atomic else []))
+            compiler_params=params, interpret=interpret, name="meteora_routed_shrink")
         args = [buf] + given + tail
-        outs = pl.pallas_call(
-            functools.partial(_routed_expand_kernel, has_y=y is not None, **expand_kw),
+        outs = _launch(
+            functools.partial(_routed_expand_kernel, has_y=y is not None, **expand_kw), args,
             grid=(tiles,),
             out_shape=(jax.ShapeDtypeStruct((n * mem.ld,), out_dtype), *(routing_shapes if gated else [])),
             input_output_aliases={len(given) + 3: 0} if y is not None else {}, compiler_params=params,
-            interpret=interpret, name="meteora_routed_expand",
-        )(*args)
+            interpret=interpret, name="meteora_routed_expand")
         out, routing = outs[0].reshape(n, mem.ld), outs[1:]
     if not gated:
         return out
@@ -1131,14 +1187,14 @@ def _gemv_dense_forward(x, wt, a, b, scaling, experts, weights, bs: BlockSizes, 
     size = n * c + 1
     kern = functools.partial(_gemv_dense_kernel, n_shrink=n_shrink, nblocks=ablocks, cnt=n * c,
                              bk=bs.gemv_block_in_tokens, shrink_kw=shrink_kw, expand_kw=expand_kw, interpret=interpret)
-    out, _ = pl.pallas_call(
-        kern, grid=(n_shrink + mem.tile_starts(bn)[-1],), input_output_aliases={7: 1},
+    out, _ = _launch(
+        kern, [x.reshape(-1), wt.reshape(-1), a.reshape(-1), experts.reshape(-1).astype(jnp.int32),
+               weights.reshape(-1).astype(jnp.float32), b.reshape(-1), scaling.astype(jnp.float32),
+               jnp.zeros((size,), jnp.float32)],
+        grid=(n_shrink + mem.tile_starts(bn)[-1],), input_output_aliases={7: 1},
         out_shape=(jax.ShapeDtypeStruct((n * o,), x.dtype), jax.ShapeDtypeStruct((size,), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps, num_stages=bs.gemv_stages_tokens),
-        interpret=interpret, name="meteora_gemv_dense",
-    )(x.reshape(-1), wt.reshape(-1), a.reshape(-1), experts.reshape(-1).astype(jnp.int32),
-      weights.reshape(-1).astype(jnp.float32), b.reshape(-1), scaling.astype(jnp.float32),
-      jnp.zeros((size,), jnp.float32))
+        interpret=interpret, name="meteora_gemv_dense")
     return out.reshape(n, o)
 
 
@@ -1151,14 +1207,15 @@ def _gemv_forward(x, wt, a, b, scaling, experts, weights, bs: BlockSizes, interp
     g = gemv_tiles(bs, n, d, n * k, r)
     size = g["pp"] * g["rp"] + 1
     kern = functools.partial(_gemv_kernel, n=n, d=d, o=o, k=k, r=r, interpret=interpret, **g)
-    out, _ = pl.pallas_call(
-        kern, grid=(g["n_shrink"] + pl.cdiv(o, g["bn"]),), input_output_aliases={7: 1},
+    out, _ = _launch(
+        kern, [x.reshape(-1), wt.reshape(-1), a.reshape(-1), b.reshape(-1), scaling.astype(jnp.float32),
+               experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32),
+               jnp.zeros((size,), jnp.float32)],
+        grid=(g["n_shrink"] + pl.cdiv(o, g["bn"]),), input_output_aliases={7: 1},
         out_shape=(jax.ShapeDtypeStruct((n * o,), x.dtype), jax.ShapeDtypeStruct((size,), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps,
                                              num_stages=bs.gemv_stages if n == 1 else bs.gemv_stages_tokens),
-        interpret=interpret, name="meteora_gemv",
-    )(x.reshape(-1), wt.reshape(-1), a.reshape(-1), b.reshape(-1), scaling.astype(jnp.float32),
-      experts.reshape(-1).astype(jnp.int32), weights.reshape(-1).astype(jnp.float32), jnp.zeros((size,), jnp.float32))
+        interpret=interpret, name="meteora_gemv")
     return out.reshape(n, o)
 
 
@@ -1387,7 +1444,7 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
         interpret = jax.default_backend() != "gpu"
     bs = block_sizes or BlockSizes.get_default()
     mem, k, gc = Members(e_num, er // e_num, spans, ld), spec.top_k, m * e_num
-    bm, bn = _p2(n, 16), bs.routed_block_out
+    bm, bn = _p2(n, 16), bs.routed_out_block(ld)
     out_dtype = y.dtype if y is not None else (out_dtype or b.dtype)
     kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e_num, 16), cp=_p2(er, 16), gc=gc, spec=spec, dtype=b.dtype,
               interpret=bool(interpret), zl=(ldz, gate_parts), dense_b=bs.routed_dense_b)
@@ -1398,14 +1455,13 @@ def meteora_routed_expand(z, b, scaling, spans, *, gate_parts: int = 1, top_k: i
         kern = functools.partial(_routed_expand_kernel, has_y=y is not None, **kw)
         grid, lo, aliases = mem.tile_starts(bn)[-1], ld, {3: 0} if y is not None else {}
         args += [] if y is None else [y.reshape(-1)]
-    out, experts, weights = pl.pallas_call(
-        kern, grid=(grid,),
+    out, experts, weights = _launch(
+        kern, args, grid=(grid,),
         out_shape=(jax.ShapeDtypeStruct((n * lo,), out_dtype), jax.ShapeDtypeStruct((n * m * k,), jnp.int32),
                    jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=4 if bm <= 16 else 8, num_stages=2),
-        interpret=bool(interpret), name="meteora_routed_glu_z" if glu else "meteora_routed_expand_z",
-    )(*args)
+        compiler_params=plgpu.CompilerParams(num_warps=bs.routed_warps_for(bm), num_stages=2),
+        interpret=bool(interpret), name="meteora_routed_glu_z" if glu else "meteora_routed_expand_z")
     logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc].astype(jnp.float32)
                                         for t in range(gate_parts)])
     return out.reshape(n, lo), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)
@@ -1515,15 +1571,15 @@ def meteora_gemv_expand(x, zt, b, scaling, spans, *, gate_parts: int = 1, top_k:
     kern = functools.partial(_gemv_expand_kernel, n=n, d=d, ld=ld, ldz=ldz, n_extra=n_extra, bne=bn, bk=bk,
                              expand_kw=expand_kw, interpret=bool(interpret))
     size = n * ldz + 1
-    out, buf, experts, weights = pl.pallas_call(
-        kern, grid=(n_extra + mem.tile_starts(bn)[-1],), input_output_aliases={4: 1},
+    out, buf, experts, weights = _launch(
+        kern, [x.reshape(-1), zt.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32),
+               jnp.zeros((size,), jnp.float32)],
+        grid=(n_extra + mem.tile_starts(bn)[-1],), input_output_aliases={4: 1},
         out_shape=(jax.ShapeDtypeStruct((n * ld,), out_dtype), jax.ShapeDtypeStruct((size,), jnp.float32),
                    jax.ShapeDtypeStruct((n * m * k,), jnp.int32), jax.ShapeDtypeStruct((n * m * k,), jnp.float32)),
         compiler_params=plgpu.CompilerParams(num_warps=bs.gemv_warps,
                                              num_stages=bs.gemv_stages if n == 1 else bs.gemv_stages_tokens),
-        interpret=bool(interpret), name="meteora_gemv_expand",
-    )(x.reshape(-1), zt.reshape(-1), b.reshape(-1), scaling.reshape(-1).astype(jnp.float32),
-      jnp.zeros((size,), jnp.float32))
+        interpret=bool(interpret), name="meteora_gemv_expand")
     z = buf[:n * ldz].reshape(n, ldz)
     logits = functools.reduce(jnp.add, [z[:, ld + t * gc:ld + (t + 1) * gc] for t in range(gate_parts)])
     return out.reshape(n, ld), logits.reshape(n, m, e_num), experts.reshape(n, m, k), weights.reshape(n, m, k)

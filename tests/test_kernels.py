@@ -9,6 +9,8 @@ experts in float32. Tolerance: max |ours - ref| <= tol * max |ref| (bf16 1e-2, f
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -442,7 +444,6 @@ def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=No
     slices: experts equal; logits, weights and y + delta close; columns outside every span unchanged."""
 
     x, y, gate, a, b, s = packed_inputs(c, seed)
-    m, e, r = len(c.spans), c.e, c.r
     kw = dict(top_k=c.k, temperature=c.temperature, routing=c.routing, forced_expert=c.forced,
               block_sizes=block_sizes, interpret=interpret)
     if via == "pair":
@@ -459,6 +460,13 @@ def check_routed_packed(c: PCase, interpret: bool, seed: int = 0, block_sizes=No
             y = z[:, :c.ld]
         out, logits, experts, weights = mp.meteora_routed_expand(z, b, s, c.spans, gate_parts=parts,
                                                                  y=None if whole else y, **kw)
+    assert_routed_packed(c, x, y, gate, a, b, s, out, logits, experts, weights)
+
+
+def assert_routed_packed(c: PCase, x, y, gate, a, b, s, out, logits, experts, weights):
+    """A packed routed result (out, logits, experts, weights) of inputs (x, y, gate, a, b, s) of case c, against
+    `meteora.route` and the gathering float32 reference per member, as `check_routed_packed` describes."""
+    m, e, r = len(c.spans), c.e, c.r
     k = 1 if c.forced is not None else c.k
     assert out.shape == y.shape and out.dtype == x.dtype
     assert logits.shape == (c.n, m, e) and experts.shape == weights.shape == (c.n, m, k)
@@ -712,6 +720,30 @@ def test_routed_expand_variants_lower_to_triton(glu, variant):
                                                   interpret=False)
     text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
     assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
+
+
+def test_launches_of_one_kernel_lower_once_and_keep_their_own_settings():
+    """Kernel launches go through one jitted function (`mp._launch`). In one program, launches of one kernel with
+    equal settings and shapes (as a model's layers make them) lower to one Triton kernel, called from each place;
+    a launch with other settings (top-k, temperature) gets a kernel of its own, and each launch's result is its
+    own (against the float32 reference, in interpret mode)."""
+    c2 = PACKED_CPU[0]  # top-2, a whole z
+    c1 = dataclasses.replace(c2, k=1, temperature=0.5)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    x, _, gate, a, b, s = packed_inputs(c2, seed)
+    z, parts = routed_expand_z(c2, x, gate, a, seed)
+
+    def launches(z, b, s, interpret):
+        return [mp.meteora_routed_expand(z, b, s, c.spans, gate_parts=parts, top_k=c.k, temperature=c.temperature,
+                                         interpret=interpret) for c in (c2, c1, c2, c2)]
+
+    lowered = jax.jit(functools.partial(launches, interpret=False)).trace(z, b, s).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert lowered.count("custom_call @__gpu$xla.gpu.triton") == 2, "one Triton kernel per settings"
+    assert len(re.findall(r"= call @", lowered)) == 4, "each launch calls its kernel's function"
+    for c, (out, logits, experts, weights) in zip((c2, c1, c2, c2), jax.jit(functools.partial(
+            launches, interpret=True))(z, b, s), strict=True):
+        assert_routed_packed(c, x, z[:, :c.ld], gate, a, b, s, out, logits, experts, weights)
 
 
 @pytest.mark.gpu

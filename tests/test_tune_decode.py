@@ -121,11 +121,11 @@ def test_changing_the_defaults_retraces_compiled_functions():
     """Block sizes are read at trace time; a function compiled before a change must not keep the old ones."""
     import jax
 
-    f = jax.jit(lambda x: x * mp.BlockSizes.get_default().routed_block_out)
+    f = jax.jit(lambda x: x * mp.BlockSizes.get_default().routed_block_in)
     try:
-        assert float(f(1.0)) == mp.BlockSizes().routed_block_out
-        mp.set_default_block_sizes(mp.BlockSizes(routed_block_out=32))
+        assert float(f(1.0)) == mp.BlockSizes().routed_block_in
+        mp.set_default_block_sizes(mp.BlockSizes(routed_block_in=32))
         assert float(f(1.0)) == 32
     finally:
         mp.set_default_block_sizes(None)
-    assert float(f(1.0)) == mp.BlockSizes().routed_block_out
+    assert float(f(1.0)) == mp.BlockSizes().routed_block_in
