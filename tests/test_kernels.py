@@ -722,6 +722,23 @@ def test_routed_expand_variants_lower_to_triton(glu, variant):
     assert ("meteora_routed_glu_z" if glu else "meteora_routed_expand_z") in text
 
 
+@pytest.mark.parametrize("ld", (64, 4096))
+def test_expand_block_sizes_reach_the_launch(ld):
+    """The packed decode expand takes 32 output columns per program for a group of fewer than 4096 columns, else 128
+    (`BlockSizes.routed_out_block`), unless `routed_block_out` says otherwise, and `routed_warps` warps: as seen in
+    the Triton launch's grid and warps."""
+    e, r = 4, 8
+    z = jax.ShapeDtypeStruct((1, ld + 2 * e + e * r), jnp.float32)
+    b, s = jax.ShapeDtypeStruct((e * r, ld), jnp.bfloat16), jax.ShapeDtypeStruct((1, e), jnp.float32)
+    for bs, cols, warps in ((None, 32 if ld < 4096 else 128, 4), (mp.BlockSizes(routed_block_out=64), 64, 4),
+                            (mp.BlockSizes(routed_warps=2), 32 if ld < 4096 else 128, 2)):
+        fn = lambda z, b, s, bs=bs: mp.meteora_routed_expand(z, b, s, ((0, ld),), gate_parts=2, top_k=2,  # noqa: E731
+                                                             block_sizes=bs, interpret=False)[0]
+        text = jax.jit(fn).trace(z, b, s).lower(lowering_platforms=("cuda",)).as_text()
+        assert re.findall(r"grid_x = (\d+)", text) == [str(ld // cols)], bs
+        assert re.findall(r"num_warps = (\d+)", text) == [str(warps)], bs
+
+
 def test_launches_of_one_kernel_lower_once_and_keep_their_own_settings():
     """Kernel launches go through one jitted function (`mp._launch`). In one program, launches of one kernel with
     equal settings and shapes (as a model's layers make them) lower to one Triton kernel, called from each place;
