@@ -471,8 +471,11 @@ EXAMPLES = """examples:
   python -m meteora_jax.generate --smollm2 --prompt "The capital of France is" --stream
   python -m meteora_jax.generate --checkpoint ckpt/meteora --tokenizer models/llama --prompt "..." --trace out.png
   python -m meteora_jax.generate --base models/llama --adapters ad/math ad/code --expert code --prompt "..."
-  python -m meteora_jax.generate --checkpoint ckpt/meteora --prompt "q1" --prompt "q2" --prompt "q3" \
+  python -m meteora_jax.generate --checkpoint ckpt/meteora --prompt "q1" --prompt "q2" --prompt "q3" \\
       --expert math code auto       # one batch: q1 answered by math, q2 by code, q3 routed by the gates
+
+The first call compiles the prefill and decode programs. To keep them for later runs, set JAX's persistent
+compilation cache: JAX_COMPILATION_CACHE_DIR=~/.cache/jax python -m meteora_jax.generate ...
 """
 
 
