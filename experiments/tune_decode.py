@@ -15,7 +15,10 @@ OUT.md, best first per batch, with the spread of the rounds.
     python experiments/tune_decode.py --shape tiny --batches 1 --steps 4 --prompt 4 --out /tmp/t   # smoke (CPU)
 
 Configurations: `--configs '[{"routed_block_out": 64}, ...]'` or the built-in sweep (`CONFIGS`); `{}` is the
-class defaults. A configuration that fails to compile or run is recorded with its error.
+class defaults. A configuration may also hold `"routing": {...}`, options of `meteora.set_routing` that its loop is
+compiled with (`{"forced_expert": 0}`, `{"top_k": 1}`, `{"adapters_enabled": false}`): they take parts of the
+adapters' work away, to see what each part costs. A configuration that fails to compile or run is recorded with
+its error.
 """
 
 from __future__ import annotations
@@ -76,13 +79,18 @@ def main(argv=None) -> int:
 
     from kernels import meteora_pallas as mp
     from meteora_jax.config import LlamaConfig
-    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, base_model
+    from meteora_jax.meteora import MeteoraConfig, MeteoraLlama, base_model, set_routing
     from meteora_jax.packed import pack_projections
 
+    routings = [c.get("routing", {}) for c in configs]
     try:
-        blocks = [mp.BlockSizes(**c) for c in configs]
+        blocks = [mp.BlockSizes(**{k: v for k, v in c.items() if k != "routing"}) for c in configs]
     except TypeError as e:
         p.error(f"--configs: {e}")
+    options = ("top_k", "temperature", "routing", "forced_expert", "adapters_enabled")  # what the loops may vary
+    for r in routings:
+        if not isinstance(r, dict) or set(r) - set(options):
+            p.error(f"--configs: \"routing\" must be an object with keys among {options}, got {r!r}")
     start = time.time()
     cfg = LlamaConfig(**SHAPES[args.shape], dtype="bfloat16", param_dtype="bfloat16")
     mcfg = MeteoraConfig(tuple(f"e{i}" for i in range(args.experts)), args.rank, top_k=args.top_k)
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
         base_run, _ = _decode_runner(base, cfg, batch, args.steps, args, rng)
         runs, recs = [], []  # the compiled loops that run, and every record of this batch
-        for c, bs in zip(configs, blocks, strict=True):
+        for c, bs, routing in zip(configs, blocks, routings, strict=True):
             rec = {"batch": batch, "variant": f"packed-{args.mode}", "config": c}
             recs.append(rec)
             if time.time() - start > args.budget:
@@ -107,12 +115,14 @@ def main(argv=None) -> int:
                 continue
             mp.set_default_block_sizes(bs)  # read while tracing: the loop is compiled with these
             try:
+                set_routing(model, **routing)  # likewise (the compiled loop keeps them)
                 run, rec["first_call_s"] = _decode_runner(model, cfg, batch, args.steps, args, rng)
                 runs.append((rec, run))
             except Exception as e:  # a tiling that does not compile here: recorded
                 rec["error"] = _err(e)
             finally:
                 mp.set_default_block_sizes(None)
+                set_routing(model, **{f: getattr(mcfg, f) for f in routing})
         per_step = lambda sec: 1e3 * sec / (args.steps - 1)  # noqa: E731
         base_ms = []
         for run in [base_run, *(run for _, run in runs)]:  # one untimed pass: the first calls after all compiles

@@ -103,9 +103,39 @@ def test_rounds_interleave_and_ratios_pair_within_a_round(tmp_path, monkeypatch)
         tune.main(["--shape", "tiny", "--out", str(tmp_path / "t"), "--rounds", "0"])
 
 
+def test_a_configs_routing_options_are_in_effect_while_its_loop_compiles(tmp_path, monkeypatch):
+    """`"routing"` in a configuration: its loop is compiled with those routing options (and its block sizes), the
+    others with the model's own, which come back after each."""
+    tune = load()
+    seen = []
+
+    def runner(model, cfg, batch, steps, args, r):
+        qkv = model.layers[0].self_attn.packed_qkv
+        if qkv.gate is not None or qkv.lora_b is not None:  # the MeteoRA model (the base has no experts)
+            down = model.layers[-1].mlp.packed_down
+            assert (down.top_k, down.forced_expert, down.adapters_enabled) == (
+                qkv.top_k, qkv.forced_expert, qkv.adapters_enabled)  # every group alike
+            seen.append((mp.BlockSizes.get_default(), qkv.top_k, qkv.forced_expert, qkv.adapters_enabled))
+        return (lambda: 0.01), 1.0
+
+    monkeypatch.setattr(tune, "_decode_runner", runner)
+    monkeypatch.setattr(tune, "median_run", lambda fn, repeats: fn())
+    configs = [{"routing": {"forced_expert": 3}}, {}, {"routing": {"top_k": 1}, "routed_block_out": 64},
+               {"routing": {"adapters_enabled": False}}, {}]
+    out = tmp_path / "tune"
+    assert tune.main(["--shape", "tiny", "--batches", "1", "--steps", "5", "--top-k", "2", "--out", str(out),
+                      "--configs", json.dumps(configs)]) == 0
+    d = mp.BlockSizes()
+    assert seen == [(d, 2, 3, True), (d, 2, None, True), (mp.BlockSizes(routed_block_out=64), 1, None, True),
+                    (d, 2, None, False), (d, 2, None, True)]
+    recs = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert [r["config"] for r in recs[1:]] == configs
+
+
 def test_bad_configs_are_refused(tmp_path, capsys):
     tune = load()
-    for bad, why in (('{"a": 1}', "expected a JSON list of objects"), ('[{"nope": 1}]', "unexpected keyword")):
+    for bad, why in (('{"a": 1}', "expected a JSON list of objects"), ('[{"nope": 1}]', "unexpected keyword"),
+                     ('[{"routing": {"strategy": "dense"}}]', "keys among"), ('[{"routing": 3}]', "keys among")):
         with pytest.raises(SystemExit):
             tune.main(["--shape", "tiny", "--out", str(tmp_path / "t"), "--configs", bad])
         assert why in capsys.readouterr().err
