@@ -2,7 +2,8 @@
 
 For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the packed MeteoRA
 model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is compiled with those defaults, next to the
-equally packed base model. After one untimed pass over all of them, the compiled loops are timed in `--rounds`
+equally packed base model. `--mode unpacked` times the MeteoRA model as built, with strategy `fused` (the routed
+pair of launches per linear), next to the unpacked base model. After one untimed pass over all of them, the compiled loops are timed in `--rounds`
 interleaved rounds (base, then each configuration, in every round), each time as `bench_generate.py` times
 decoding (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16 weights).
 A configuration's time is the median over rounds, and its ratio is the median of its time over the base's in
@@ -53,8 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama3-8b", help=f"one of {sorted(SHAPES)}")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--configs", help="JSON list of BlockSizes field dicts (default: the built-in sweep)")
-    p.add_argument("--mode", default="routed", choices=["routed", "extended", "gemv"],
-                   help="packing mode (meteora_jax.packed)")
+    p.add_argument("--mode", default="routed", choices=["routed", "extended", "gemv", "unpacked"],
+                   help="packing mode (meteora_jax.packed), or unpacked (strategy fused, no packing)")
     p.add_argument("--experts", type=int, default=28)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
@@ -93,22 +94,25 @@ def main(argv=None) -> int:
             p.error(f"--configs: \"routing\" must be an object with keys among {options}, got {r!r}")
     start = time.time()
     cfg = LlamaConfig(**SHAPES[args.shape], dtype="bfloat16", param_dtype="bfloat16")
-    mcfg = MeteoraConfig(tuple(f"e{i}" for i in range(args.experts)), args.rank, top_k=args.top_k)
+    unpacked = args.mode == "unpacked"
+    mcfg = MeteoraConfig(tuple(f"e{i}" for i in range(args.experts)), args.rank, top_k=args.top_k,
+                         **({"strategy": "fused"} if unpacked else {}))
     meteora = MeteoraLlama(cfg, mcfg, rngs=nnx.Rngs(0))
-    base = pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
-    model = pack_projections(meteora, mode=args.mode)
+    base = base_model(meteora) if unpacked else pack_projections(nnx.merge(*nnx.split(base_model(meteora))))
+    model = meteora if unpacked else pack_projections(meteora, mode=args.mode)
+    base_name, name = ("base", "fused") if unpacked else ("base-packed", f"packed-{args.mode}")
     records = []
     meta = {"command": "python experiments/tune_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
             "experts": args.experts, "rank": args.rank, "top_k": args.top_k, "prompt": args.prompt,
-            "steps": args.steps, "mode": args.mode, "rounds": args.rounds, "repeats": args.repeats,
+            "steps": args.steps, "mode": args.mode, "base": base_name, "rounds": args.rounds, "repeats": args.repeats,
             "date": time.strftime("%Y-%m-%d")}
     rng = np.random.default_rng(0)
     for batch in [int(b) for b in args.batches.split(",")]:
         base_run, _ = _decode_runner(base, cfg, batch, args.steps, args, rng)
         runs, recs = [], []  # the compiled loops that run, and every record of this batch
         for c, bs, routing in zip(configs, blocks, routings, strict=True):
-            rec = {"batch": batch, "variant": f"packed-{args.mode}", "config": c}
+            rec = {"batch": batch, "variant": name, "config": c}
             recs.append(rec)
             if time.time() - start > args.budget:
                 rec["error"] = "time budget"
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
                     rec.setdefault("round_ms", []).append(per_step(median_run(run, args.repeats)))
                 except Exception as e:
                     rec["error"] = _err(e)
-        records.append({"batch": batch, "variant": "base-packed", "step_ms": float(np.median(base_ms)),
+        records.append({"batch": batch, "variant": base_name, "step_ms": float(np.median(base_ms)),
                         "round_ms": base_ms})
         print(json.dumps(records[-1]), flush=True)
         for rec in recs:
@@ -156,23 +160,24 @@ def main(argv=None) -> int:
 
 
 def render_md(meta, records) -> str:
-    rounds = meta.get("rounds", 1)
+    rounds, bn = meta.get("rounds", 1), meta.get("base", "base-packed")
     how = (f"{rounds} interleaved rounds of {meta.get('repeats', '?')} runs each; ms per step and ratio to the "
-           "base-packed step of the same round are medians over rounds, the ratio's range in brackets"
-           if rounds > 1 else "step / base-packed step")
+           f"{bn} step of the same round are medians over rounds, the ratio's range in brackets"
+           if rounds > 1 else f"step / {bn} step")
+    mode = meta.get("mode", "routed")
     lines = [f"# Routed-kernel block sizes in the decode loop ({meta['shape']}, {meta['device']})", "",
              f"Command: `{meta['command']}` ({meta['date']}, jax {meta['jax']}). MeteoRA E = {meta['experts']}, "
              f"r = {meta['rank']}, k = {meta['top_k']} on all seven modules, "
-             f"packed (mode {meta.get('mode', 'routed')}); "
+             + ("unpacked, strategy fused" if mode == "unpacked" else f"packed (mode {mode})") + "; "
              f"{meta['prompt']}-token context, {meta['steps']} steps; {how}.", ""]
     if meta.get("rounds_cut"):
         lines += [f"The time budget cut the rounds (batch: rounds run): {meta['rounds_cut']}.", ""]
     for batch in dict.fromkeys(r["batch"] for r in records):
         rows = [r for r in records if r["batch"] == batch]
-        base = next((r["step_ms"] for r in rows if r["variant"] == "base-packed"), None)
-        lines += [f"## Batch {batch} (base-packed {base:.3f} ms per step)" if base else f"## Batch {batch}", "",
-                  "| config | ms per step | / base-packed |", "|---|---|---|"]
-        timed = sorted((r for r in rows if "step_ms" in r and r["variant"] != "base-packed"),
+        base = next((r["step_ms"] for r in rows if r["variant"] == bn), None)
+        lines += [f"## Batch {batch} ({bn} {base:.3f} ms per step)" if base else f"## Batch {batch}", "",
+                  f"| config | ms per step | / {bn} |", "|---|---|---|"]
+        timed = sorted((r for r in rows if "step_ms" in r and r["variant"] != bn),
                        key=lambda r: r.get("ratio", r["step_ms"]))
         for r in timed:
             ratio = r.get("ratio", r["step_ms"] / base if base else None)

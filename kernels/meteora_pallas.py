@@ -82,10 +82,10 @@ class BlockSizes:
     routed_max_tokens: int = 16  # the MeteoRA linear runs gate + adapter term in two launches for N <= this
     routed_block_in: int = 64  # routed shrink: D rows per step
     routed_splits: int = 256  # routed shrink: at most this many programs (each adds its D range atomically)
-    # routed expand: output columns per program. None: 128 in the routed pair; in the packed decode expand
-    # (`meteora_routed_expand`) 32 for a group of fewer than 4096 output columns, else 128 (H100 decode loops:
-    # SmolLM2's step 1.47x the packed base's at 32 against 1.54x at 128; Llama-3-8B's 1.27x at 64 and 128, 1.28x at
-    # 32; experiments/results/compile_and_blocks)
+    # routed expand: output columns per program. None: 32 for a linear (or packed group) of fewer than 4096 output
+    # columns, else 128. H100 decode loops: packed mode extended, SmolLM2's step 1.47x the packed base's at 32
+    # against 1.54x at 128; Llama-3-8B's 1.27x at 64 and 128, 1.28x at 32 (experiments/results/compile_and_blocks);
+    # the routed pair (packed mode routed, strategy fused) in experiments/results/decode_parts
     routed_block_out: int | None = None
     routed_block_cols: int = 256  # routed shrink: columns of A per program
     routed_block_gate: int = 128  # routed shrink: gate columns per program
@@ -140,10 +140,10 @@ class BlockSizes:
     def warps(self, bm: int, bn: int) -> int:
         return self.num_warps or (8 if bm * bn >= 64 * 256 else 4)
 
-    def routed_out_block(self, ld: int | None = None) -> int:
-        """Output columns per program of the routed expand: of the packed decode expand for a group of `ld` output
-        columns, or of the routed pair (`ld` None)."""
-        return self.routed_block_out or (32 if ld is not None and ld < 4096 else 128)
+    def routed_out_block(self, ld: int) -> int:
+        """Output columns per program of the routed expand (the packed decode expand's or the routed pair's) for a
+        linear or packed group of `ld` output columns."""
+        return self.routed_block_out or (32 if ld < 4096 else 128)
 
     def routed_warps_for(self, bm: int) -> int:
         """Warps per program of the routed kernels for a token block of `bm` rows."""
@@ -984,7 +984,7 @@ def _routed_forward(x, y, gate, a, b, scaling, experts, weights, spec: RouteSpec
     gblocks = pl.cdiv(gc, bg) if gated else 0
     atomic = programs > 1
     k = spec.top_k if gated else experts.shape[-1]
-    bn = bs.routed_out_block()
+    bn = bs.routed_out_block(mem.ld)
     shrink_kw = dict(n=n, d=d, gc=gc, c=c, bm=bm, bd=bd, bc=bc, bg=bg, chunks=chunks, ablocks=ablocks,
                      a_layout=a_layout, gate=gated, atomic=atomic, dtype=x.dtype, interpret=interpret)
     expand_kw = dict(n=n, mem=mem, k=k, bm=bm, bn=bn, ep=_p2(e, 16), cp=_p2(e * r, 16), gc=gc, spec=spec,

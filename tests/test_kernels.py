@@ -739,6 +739,22 @@ def test_expand_block_sizes_reach_the_launch(ld):
         assert re.findall(r"num_warps = (\d+)", text) == [str(warps)], bs
 
 
+@pytest.mark.parametrize("ld", (64, 4096))
+def test_routed_pair_block_sizes_reach_the_launch(ld):
+    """The routed pair's expand (packed mode routed; strategy fused) follows the same rule: 32 output columns per
+    program below 4096 columns, else 128, unless `routed_block_out` says otherwise (the second launch's grid)."""
+    e, r, d = 4, 8, 64
+    x, y = jax.ShapeDtypeStruct((1, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, ld), jnp.bfloat16)
+    gate, a = jax.ShapeDtypeStruct((d, e), jnp.float32), jax.ShapeDtypeStruct((d, e * r), jnp.bfloat16)
+    b, s = jax.ShapeDtypeStruct((e * r, ld), jnp.bfloat16), jax.ShapeDtypeStruct((1, e), jnp.float32)
+    for bs, cols in ((None, 32 if ld < 4096 else 128), (mp.BlockSizes(routed_block_out=64), 64)):
+        fn = lambda *args, bs=bs: mp.meteora_routed_packed(*args, ((0, ld),), top_k=2, block_sizes=bs,  # noqa: E731
+                                                           interpret=False)[0]
+        text = jax.jit(fn).trace(x, y, gate, a, b, s).lower(lowering_platforms=("cuda",)).as_text()
+        grids = re.findall(r"grid_x = (\d+)", text)
+        assert len(grids) == 2 and grids[1] == str(ld // cols), (bs, grids)  # shrink, then expand
+
+
 def test_launches_of_one_kernel_lower_once_and_keep_their_own_settings():
     """Kernel launches go through one jitted function (`mp._launch`). In one program, launches of one kernel with
     equal settings and shapes (as a model's layers make them) lower to one Triton kernel, called from each place;

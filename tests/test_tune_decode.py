@@ -132,6 +132,30 @@ def test_a_configs_routing_options_are_in_effect_while_its_loop_compiles(tmp_pat
     assert [r["config"] for r in recs[1:]] == configs
 
 
+def test_unpacked_mode_times_strategy_fused_next_to_the_unpacked_base(tmp_path, monkeypatch):
+    from meteora_jax.meteora import MeteoraLinear
+    from meteora_jax.packed import is_packed
+
+    tune = load()
+    seen = []
+
+    def runner(model, cfg, batch, steps, args, r):
+        attn = model.layers[0].self_attn
+        seen.append((is_packed(model), type(attn.q_proj).__name__, getattr(attn.q_proj, "strategy", None)))
+        return (lambda: 0.02 if isinstance(attn.q_proj, MeteoraLinear) else 0.01), 1.0
+
+    monkeypatch.setattr(tune, "_decode_runner", runner)
+    monkeypatch.setattr(tune, "median_run", lambda fn, repeats: fn())
+    out = tmp_path / "tune"
+    assert tune.main(["--shape", "tiny", "--batches", "1", "--steps", "5", "--mode", "unpacked", "--out", str(out),
+                      "--configs", "[{}]"]) == 0
+    assert seen == [(False, "Linear", None), (False, "MeteoraLinear", "fused")]
+    recs = json.loads(out.with_suffix(".json").read_text())["records"]
+    assert [r["variant"] for r in recs] == ["base", "fused"] and recs[1]["ratio"] == pytest.approx(2.0)
+    md = out.with_suffix(".md").read_text()
+    assert "unpacked, strategy fused" in md and "| config | ms per step | / base |" in md
+
+
 def test_bad_configs_are_refused(tmp_path, capsys):
     tune = load()
     for bad, why in (('{"a": 1}', "expected a JSON list of objects"), ('[{"nope": 1}]', "unexpected keyword"),
