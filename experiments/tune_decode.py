@@ -3,9 +3,9 @@
 For each configuration (fields of `kernels.meteora_pallas.BlockSizes`), the decode step of the packed MeteoRA
 model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is compiled with those defaults, next to the
 equally packed base model. `--mode unpacked` times the MeteoRA model as built, with strategy `fused` (the routed
-pair of launches per linear), next to the unpacked base model. After one untimed pass over all of them, the compiled loops are timed in `--rounds`
-interleaved rounds (base, then each configuration, in every round), each time as `bench_generate.py` times
-decoding (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16 weights).
+pair of launches per linear), next to the unpacked base model. After one untimed pass over all of them, the
+compiled loops are timed in `--rounds` interleaved rounds (base, then each configuration, in every round), each
+time as `bench_generate.py` times decoding (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16 weights).
 A configuration's time is the median over rounds, and its ratio is the median of its time over the base's in
 the same round: drifts of the machine between rounds touch both sides of the ratio. Results in OUT.json and
 OUT.md, best first per batch, with the spread of the rounds.
