@@ -5,10 +5,10 @@ model (`meteora_jax.packed`, `--mode` routed, extended or gemv) is compiled with
 equally packed base model. `--mode unpacked` times the MeteoRA model as built, with strategy `fused` (the routed
 pair of launches per linear), next to the unpacked base model. After one untimed pass over all of them, the
 compiled loops are timed in `--rounds` interleaved rounds (base, then each configuration, in every round), each
-time as `bench_generate.py` times decoding (median of `--repeats` runs of `--steps` tokens after a `--prompt`-token context, random bf16 weights).
-A configuration's time is the median over rounds, and its ratio is the median of its time over the base's in
-the same round: drifts of the machine between rounds touch both sides of the ratio. Results in OUT.json and
-OUT.md, best first per batch, with the spread of the rounds.
+time as `bench_generate.py` times decoding (median of `--repeats` runs of `--steps` tokens after a
+`--prompt`-token context, random bf16 weights). A configuration's time is the median over rounds, and its ratio
+is the median of its time over the base's in the same round: drifts of the machine between rounds touch both
+sides of the ratio. Results in OUT.json and OUT.md, best first per batch, with the spread of the rounds.
 
     python experiments/tune_decode.py --shape llama3-8b --batches 1,16 --out experiments/results/decode_tune
     python experiments/tune_decode.py --shape smollm2 --mode extended --rounds 5 --out experiments/results/dense_b
