@@ -183,7 +183,7 @@ class PackedProjection(nnx.Module):
                 temperature=self.temperature, routing=self.routing, forced_expert=self.forced_expert)
             self._record(routings, logits, experts, weights, lead)
         else:
-            m, e, r = len(self.expert_members), self.num_experts, self.rank
+            m, e = len(self.expert_members), self.num_experts
             logits = (xf.astype(jnp.float32) @ self.gate[...].astype(jnp.float32)).reshape(n, m, e)
             p = jnp.dot(xf, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
             h, experts, weights = self._dense_routing(logits, p, forced)
@@ -192,10 +192,7 @@ class PackedProjection(nnx.Module):
             elif self.mode == "split":  # the base product and the expand apart (no concatenated operand)
                 y = xf @ kernel[:self.d_in] + h @ kernel[self.d_in:]
             else:  # routed, many tokens: each member's expand into its columns
-                y = xf @ kernel
-                b_side = self.lora_b[...].astype(self.dtype)
-                for j, (off, size) in enumerate(self.spans):
-                    y = y.at[:, off:off + size].add(h[:, j * e * r:(j + 1) * e * r] @ b_side[:, off:off + size])
+                y = xf @ kernel + self._member_terms(h, self.lora_b[...].astype(self.dtype), self.dtype)
             self._record(routings, logits, experts, weights, lead)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
@@ -262,12 +259,24 @@ class PackedProjection(nnx.Module):
         g0 = ld + self.gate_parts * m * e
         logits = sum(z[:, ld + t * m * e:ld + (t + 1) * m * e] for t in range(self.gate_parts)).reshape(n, m, e)
         h, experts, weights = self._dense_routing(logits, z[:, g0:g0 + m * e * r], forced)
-        y = z[:, :ld]
-        for j, (off, size) in enumerate(self.spans):
-            y = y.at[:, off:off + size].add(jnp.dot(h[:, j * e * r:(j + 1) * e * r], b_side[:, off:off + size],
-                                                    preferred_element_type=jnp.float32))
+        y = z[:, :ld] + self._member_terms(h, b_side, jnp.float32)
         self._record(routings, logits, experts, weights, lead)
         return y.astype(self.dtype), False
+
+    def _member_terms(self, h, b_side, dtype) -> jax.Array:
+        """The members' adapter terms side by side, [N, sum(out)] in `dtype`: member j's columns of h' [N, m*E*r]
+        times its columns of B (`b_side [E*r, sum(out)]`, modes routed / extended / gemv), zeros for members
+        without experts. One concatenation, where adding each term into its columns of y is a scatter each."""
+        er, n = self.num_experts * self.rank, h.shape[0]
+        pieces, at = [], 0
+        for j, (off, size) in enumerate(self.spans):  # in column order
+            if off > at:
+                pieces.append(jnp.zeros((n, off - at), dtype))
+            pieces.append(jnp.dot(h[:, j * er:(j + 1) * er], b_side[:, off:off + size], preferred_element_type=dtype))
+            at = off + size
+        if at < sum(self.sizes):
+            pieces.append(jnp.zeros((n, sum(self.sizes) - at), dtype))
+        return jnp.concatenate(pieces, axis=1)
 
 
 def gate_parts(gate: jax.Array, dtype) -> list[jax.Array]:
